@@ -1,0 +1,711 @@
+"""
+The transformer, its KV cache and the sampler.
+
+One model class. GPT-2 (learned positions, LayerNorm, GELU-tanh, biases, tied head) is the default;
+the Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head, optional qkv bias
+as in Qwen2, per-head q/k RMSNorm as in Qwen3) are config switches on the same code.
+
+Backtracking is native in two places:
+- training: forward() takes explicit position ids and a boolean (B, T, T) attention mask, so the
+  error-hiding `rewind` layout of data.py runs in one forward;
+- inference: KVCache keeps a length per row. A token is written at the slot equal to its position
+  id, a query attends to slots <= its own, so rewinding a row is `length -= 1`: nothing is copied.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, asdict, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import resolve
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 320          # padded table size; tokens beyond the tokenizer's n_vocab are never produced
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0             # 0 = n_head (no grouped-query attention)
+    n_embd: int = 256
+    head_dim: int = 0              # 0 = n_embd // n_head
+    n_inner: int = 0               # MLP width; 0 = 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = True              # biases in linears and norms (GPT-2)
+    qkv_bias: bool = False         # bias on q/k/v only (Qwen2), when bias=False
+    norm: str = "layernorm"        # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"              # gelu (tanh approximation) | swiglu
+    pos: str = "learned"           # learned | rope
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # Llama-3 style: factor, low/high_freq_factor, original_max_position_embeddings
+    qk_norm: bool = False          # RMSNorm on each head's q and k (Qwen3)
+    tie_embeddings: bool = True
+    # tokenizer facts, recorded so a checkpoint is self-describing
+    tokenizer: str = "byte"
+    n_vocab: int = 258             # real tokens (ids < n_vocab); the rest of the table is padding
+    eot_id: int = 256
+    bk_id: int = 257
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.n_inner = self.n_inner or 4 * self.n_embd
+
+
+def padded_vocab(n, multiple=64):
+    return ((n + multiple - 1) // multiple) * multiple
+
+# -----------------------------------------------------------------------------
+# layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+def make_norm(cfg, n):
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(n, cfg.norm_eps)
+    return nn.LayerNorm(n, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_inv_freq(cfg):
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = cfg.rope_scaling or {}
+    if s.get("rope_type", s.get("type")) == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short kept, smooth in between
+        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv.float()
+
+
+def apply_rope(x, cos, sin):
+    # x (B, H, T, D); the Hugging Face layout rotates the two halves of each head
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, (H + 2 * K) * D, bias=cfg.bias or cfg.qkv_bias)
+        self.c_proj = nn.Linear(H * D, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.norm_eps)
+            self.k_norm = RMSNorm(D, cfg.norm_eps)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope, mask, cache, layer):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q, k, v = self.c_attn(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, K, D).transpose(1, 2)
+        v = v.view(B, T, K, D).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)
+        if K != H:
+            k = k.repeat_interleave(H // K, dim=1)
+            v = v.repeat_interleave(H // K, dim=1)
+        drop = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), dropout_p=drop)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return F.dropout(self.c_proj(y), drop, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.n_inner, bias=cfg.bias)
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.c_fc(x)
+        else:
+            h = F.gelu(self.c_fc(x), approximate="tanh")
+        return F.dropout(self.c_proj(h), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache, layer):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+# -----------------------------------------------------------------------------
+# the KV cache
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, a length per row, and each slot's final hidden
+    state (so the logits of the top slot can be read again after a rewind without recomputing).
+
+    Slots are position ids: a token at position p lives in slot p, and a query at position p
+    attends to slots 0..p. Under `rewind` the surviving tokens are exactly slots 0..length-1,
+    so rewinding is `lengths[row] -= 1` (in place, O(1), rows independent). A later write
+    simply overwrites the freed slot.
+    """
+
+    def __init__(self, cfg, batch_size, max_len, device="cpu", dtype=torch.float32):
+        shape = (cfg.n_layer, batch_size, max_len, cfg.n_kv_head, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.h = torch.zeros(batch_size, max_len, cfg.n_embd, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.pos = None  # positions of the tokens being written by the forward in flight
+        self.span = 0    # slots the current forward attends over
+
+    def begin(self, pos):
+        """Set up a write of tokens at positions pos (B, T); returns the attention mask."""
+        if int(pos.max()) >= self.max_len:
+            raise ValueError(f"KV cache is full: position {int(pos.max())} >= max_len {self.max_len}")
+        self.pos = pos
+        self.span = int(pos.max()) + 1
+        slots = torch.arange(self.span, device=pos.device)
+        return slots.view(1, 1, -1) <= pos.unsqueeze(-1)   # (B, T, span)
+
+    def write(self, layer, k, v):
+        # k, v: (B, K, T, D) -> slots pos; return the whole span (B, K, span, D)
+        B = k.shape[0]
+        rows = torch.arange(B, device=k.device).unsqueeze(1)
+        self.k[layer][rows, self.pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][rows, self.pos] = v.transpose(1, 2).to(self.v.dtype)
+        return (self.k[layer, :, :self.span].transpose(1, 2).to(k.dtype),
+                self.v[layer, :, :self.span].transpose(1, 2).to(v.dtype))
+
+    def rewind(self, rows, n=1):
+        """Drop the last n tokens of the given rows (bool mask or index tensor). In place."""
+        self.lengths[rows] -= n
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=make_norm(cfg, cfg.n_embd),
+        ))
+        if cfg.pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        else:
+            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        for n, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
+            if n.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        n = sum(p.numel() for p in self.parameters())
+        if self.config.pos == "learned":
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def hidden(self, idx, pos=None, mask=None, cache=None):
+        """Final hidden states (after the last norm), (B, T, C).
+
+        pos: (B, T) position ids (default 0..T-1). mask: (B, T, T) bool, True = may attend
+        (default causal). With a cache, tokens are written at slots pos and attend to slots
+        <= their position; the cache's lengths are left for the caller to move.
+        """
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        if int(pos.max()) >= self.config.block_size and self.config.pos == "learned":
+            raise ValueError(f"position {int(pos.max())} exceeds block_size {self.config.block_size}")
+        if cache is not None:
+            mask = cache.begin(pos)
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:
+            f = pos.unsqueeze(-1).float() * self.inv_freq          # (B, T, D/2)
+            f = torch.cat((f, f), dim=-1).unsqueeze(1)              # (B, 1, T, D)
+            rope = (f.cos().to(x.dtype), f.sin().to(x.dtype))
+        x = F.dropout(x, self.config.dropout, self.training)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, mask, cache, i)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            rows = torch.arange(B, device=idx.device).unsqueeze(1)
+            cache.h[rows, pos] = x.to(cache.h.dtype)
+        return x
+
+    def forward(self, idx, pos=None, mask=None, cache=None):
+        """Logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden(idx, pos, mask, cache))
+
+    def action_logits(self, batch):
+        """Logits for the actions of a collated batch (data.collate): (A, vocab_size).
+        Only the nodes that act go through lm_head, which is most of the cost at large vocab."""
+        h = self.hidden(batch["ids"], batch["pos"], batch["mask"])
+        return self.lm_head(h[batch["act_row"], batch["act_src"]])
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def save(self, path, meta=None, files=None):
+        """Write the project's checkpoint folder atomically: model.safetensors + config.json
+        (the model config, tokenizer and backtrack id, plus `meta`), and `files` (name -> object,
+        e.g. optimizer state) through torch.save. Everything is written to a temporary folder,
+        then renamed over the old one, so a crash never leaves a half-written checkpoint."""
+        from safetensors.torch import save_file
+        path = path.rstrip("/")
+        tmp, old = path + ".tmp", path + ".old"
+        _rmtree(tmp)
+        os.makedirs(tmp)
+        sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()
+              if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        save_file(sd, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(dict(format="backtrack-gpt", config=asdict(self.config), **(meta or {})), f, indent=2)
+        for name, obj in (files or {}).items():
+            torch.save(obj, os.path.join(tmp, name))
+        _rmtree(old)
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _rmtree(old)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        """Load the project's checkpoint folder, or a Hugging Face folder (GPT-2, Llama, Qwen2,
+        Qwen3; one safetensors file or shards with an index). Returns the model in eval mode."""
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"no config.json in checkpoint folder {path!r}")
+        meta = read_json(cfg_path)
+        if meta.get("format") == "backtrack-gpt":
+            cfg = GPTConfig(**meta["config"])
+            names = {"model.safetensors": None}
+        else:
+            cfg = config_from_hf(meta, cfg_path)
+            names = safetensors_files(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device="cpu")
+        sd = model.state_dict()
+        loaded = set()
+        from safetensors import safe_open
+        for name in names:  # one shard at a time, each tensor cast as it is read
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                for k in f.keys():
+                    for ok, t in (convert_hf_tensor(k, f.get_tensor(k), cfg) if meta.get("format") != "backtrack-gpt"
+                                  else [(k, f.get_tensor(k))]):
+                        if ok not in sd:
+                            continue
+                        if ok == "transformer.wte.weight" or ok == "lm_head.weight":
+                            sd[ok].zero_()
+                            sd[ok][:t.shape[0]].copy_(t)   # HF table rows; BK and padding rows start at zero
+                        else:
+                            if sd[ok].shape != t.shape:
+                                raise ValueError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(sd[ok].shape)}")
+                            sd[ok].copy_(t)
+                        loaded.add(ok)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
+            loaded.add("lm_head.weight")
+        missing = [k for k in sd if k not in loaded]
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if cfg.pos == "rope":
+            model.inv_freq = rope_inv_freq(cfg)
+        model.meta = meta
+        return model.to(device=device, dtype=dtype).eval()
+
+    def export_hf(self, path):
+        """Write a Hugging Face folder (config.json + model.safetensors) that other tools open.
+        GPT-2 layout (Conv1D weights stored (in, out)) or Llama layout, by the config."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        cfg = self.config
+        sd = {k: v.detach().to("cpu", torch.float32) for k, v in self.state_dict().items()}
+        out = {}
+        if cfg.pos == "learned":
+            for k, v in sd.items():
+                if k == "lm_head.weight":
+                    continue
+                if any(k.endswith(c) for c in CONV1D):
+                    v = v.t()
+                out[k] = v.contiguous()
+            hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
+                      n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                      n_inner=cfg.n_inner, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
+                      tie_word_embeddings=True, bos_token_id=cfg.eot_id, eos_token_id=cfg.eot_id)
+        else:
+            H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+            for k, v in sd.items():
+                for ours, theirs in reversed(LLAMA_NAMES):
+                    k = k.replace(ours, theirs)
+                if k.endswith("self_attn.qkv.weight") or k.endswith("self_attn.qkv.bias"):
+                    q, kk, vv = v.split([H * D, K * D, K * D], dim=0)
+                    b = k.rsplit(".", 1)[-1]
+                    pre = k[: -len("qkv." + b)]
+                    out[pre + "q_proj." + b], out[pre + "k_proj." + b], out[pre + "v_proj." + b] = q, kk, vv
+                else:
+                    out[k] = v
+            if cfg.tie_embeddings:
+                out.pop("lm_head.weight", None)
+            out = {k: v.contiguous() for k, v in out.items()}
+            hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
+                      hidden_size=cfg.n_embd, intermediate_size=cfg.n_inner, num_hidden_layers=cfg.n_layer,
+                      num_attention_heads=H, num_key_value_heads=K, head_dim=D, rms_norm_eps=cfg.norm_eps,
+                      max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta,
+                      rope_scaling=cfg.rope_scaling or None, tie_word_embeddings=cfg.tie_embeddings,
+                      attention_bias=cfg.qkv_bias, hidden_act="silu", bos_token_id=cfg.eot_id, eos_token_id=cfg.eot_id)
+            if cfg.qk_norm:
+                hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", attention_bias=False)
+            elif cfg.qkv_bias:
+                hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+        save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        hf.update(torch_dtype="float32", backtrack_token_id=cfg.bk_id)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+
+# -----------------------------------------------------------------------------
+# Hugging Face layouts
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# (ours, theirs) substrings for the Llama family; q/k/v are fused into one c_attn here
+LLAMA_NAMES = [
+    ("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
+    ("transformer.h.", "model.layers."), (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
+    (".attn.c_attn.", ".self_attn.qkv."), (".attn.c_proj.", ".self_attn.o_proj."),
+    (".attn.q_norm.", ".self_attn.q_norm."), (".attn.k_norm.", ".self_attn.k_norm."),
+    (".mlp.c_fc.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj."), (".mlp.gate_proj.", ".mlp.gate_proj."),
+]
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+
+
+def safetensors_files(path):
+    idx = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(idx):
+        return sorted(set(read_json(idx)["weight_map"].values()))
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+
+
+def config_from_hf(hf, where="config.json"):
+    """GPTConfig from a Hugging Face config.json. The table gets room for the backtrack token:
+    it takes id = the checkpoint's vocab_size, and the table is padded to a multiple of 64."""
+    mt = hf.get("model_type")
+    V = hf["vocab_size"]
+    eot = hf.get("eos_token_id")
+    eot = eot[0] if isinstance(eot, list) else eot
+    common = dict(vocab_size=padded_vocab(V + 1), n_vocab=V + 1, bk_id=V,
+                  eot_id=eot if eot is not None else V - 1, tokenizer=hf.get("backtrack_tokenizer", "gpt2" if mt == "gpt2" else mt))
+    if "backtrack_token_id" in hf:  # a folder this project exported: the table already holds BK
+        common.update(vocab_size=V, n_vocab=V, bk_id=hf["backtrack_token_id"])
+    if mt == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{where}: activation {hf['activation_function']!r} is not supported")
+        return GPTConfig(block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                         n_inner=hf.get("n_inner") or 0, norm_eps=hf.get("layer_norm_epsilon", 1e-5), **common)
+    if mt in ("llama", "qwen2", "qwen3", "mistral"):
+        rp = hf.get("rope_parameters") or {}
+        rs = hf.get("rope_scaling") or {}
+        if rp.get("rope_type", "default") != "default":
+            rs = rp
+        theta = rp.get("rope_theta", hf.get("rope_theta", 10000.0))
+        if rs and rs.get("rope_type", rs.get("type")) not in ("llama3", "default", None):
+            raise ValueError(f"{where}: rope scaling {rs} is not supported")
+        return GPTConfig(block_size=hf.get("max_position_embeddings", 4096), n_layer=hf["num_hidden_layers"],
+                         n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or 0,
+                         n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or 0, n_inner=hf["intermediate_size"],
+                         bias=False, qkv_bias=bool(hf.get("attention_bias", mt == "qwen2")),
+                         norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", pos="rope",
+                         rope_theta=theta, rope_scaling=dict(rs) if rs.get("rope_type", rs.get("type")) == "llama3" else {},
+                         qk_norm=(mt == "qwen3"), tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **common)
+    raise ValueError(f"{where}: model_type {mt!r} is not supported (gpt2, llama, qwen2, qwen3)")
+
+
+def convert_hf_tensor(k, t, cfg):
+    """Map one Hugging Face tensor to [(our name, tensor)]; q/k/v pieces are gathered until whole."""
+    if cfg.pos == "learned":  # GPT-2
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+            return []
+        if not k.startswith("transformer.") and not k.startswith("lm_head."):
+            k = "transformer." + k
+        if any(k.endswith(c) for c in CONV1D):
+            t = t.t()
+        return [(k, t.float())]
+    for ours, theirs in LLAMA_NAMES:
+        k = k.replace(theirs, ours)
+    for part in ("q_proj", "k_proj", "v_proj"):
+        if f".self_attn.{part}." in k:
+            key = k.replace(f".self_attn.{part}.", ".attn.c_attn.")
+            buf = _QKV.setdefault(key, {})
+            buf[part] = t.float()
+            if len(buf) < 3:
+                return []
+            del _QKV[key]
+            return [(key, torch.cat([buf["q_proj"], buf["k_proj"], buf["v_proj"]], dim=0))]
+    return [(k.replace(".self_attn.", ".attn."), t.float())]
+
+
+_QKV = {}  # q/k/v pieces waiting for their siblings (they may sit in different shards)
+
+
+def _rmtree(p):
+    import shutil
+    shutil.rmtree(p, ignore_errors=True)
+
+# -----------------------------------------------------------------------------
+# the backtrack token's embedding (research notes, section 3)
+
+SEMANTIC_WORDS = ["delete", "remove", "undo", "erase", "back", "cancel"]
+DESCRIPTION = "This token is used to delete the previous token in the response."
+
+
+@torch.no_grad()
+def init_bk_embedding(model, tok, method="description", noise=True, seed=0):
+    """Initialise the backtrack token's input row (and output row when untied).
+
+    mean: mean of the real vocabulary's rows. semantic: mean over SEMANTIC_WORDS (each word's
+    tokens averaged first, with and without a leading space). description: mean of DESCRIPTION's
+    token rows. Gaussian noise at the table's own std keeps the row distinct from its sources.
+    """
+    g = torch.Generator().manual_seed(seed)
+    tables = [model.transformer.wte.weight]
+    if not model.config.tie_embeddings:
+        tables.append(model.lm_head.weight)
+    bk, n = tok.bk_id, tok.eot_id  # ids below eot_id are the ordinary vocabulary
+    for W in tables:
+        if method == "mean":
+            v = W[:n].mean(0)
+        elif method == "semantic":
+            words = [w for s in SEMANTIC_WORDS for w in (s, " " + s)]
+            v = torch.stack([W[tok.encode(w)].mean(0) for w in words]).mean(0)
+        elif method == "description":
+            v = W[tok.encode(DESCRIPTION)].mean(0)
+        else:
+            raise ValueError(f"unknown bk init {method!r}: expected mean|semantic|description")
+        if noise:
+            v = v + torch.randn(v.shape, generator=g).to(W) * W[:n].std()
+        W[bk] = v
+
+# -----------------------------------------------------------------------------
+# sampling: one function shapes the distribution for generation and for training log-probs
+
+
+def shape_logits(logits, temperature=1.0, top_k=0, top_p=1.0, ban=None):
+    """Return log-probs of the distribution actually sampled from.
+
+    ban: (A, V) bool, True = this token may not be sampled (backtrack bans and caps).
+    Order: bans, temperature, top-k, top-p. Greedy (temperature 0) uses the banned logits' argmax
+    and is scored at temperature 1. Log-probs of filtered tokens are -inf.
+    """
+    logits = logits.float()
+    if ban is not None:
+        logits = logits.masked_fill(ban, float("-inf"))
+    if temperature and temperature > 0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        srt, order = torch.sort(logits, dim=-1, descending=True)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = cum - srt.softmax(-1) > top_p   # keep the smallest prefix whose mass reaches top_p
+        drop = torch.zeros_like(drop).scatter(-1, order, drop)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def ban_matrix(batch, n_actions, vocab_size, n_vocab):
+    """(A, V) bool from a collated batch's ban lists; ids >= n_vocab (table padding) are always banned."""
+    ban = torch.zeros(n_actions, vocab_size, dtype=torch.bool, device=batch["tgt"].device)
+    ban[:, n_vocab:] = True
+    if batch["ban_act"].numel():
+        ban[batch["ban_act"], batch["ban_tok"]] = True
+    return ban
+
+
+def action_logprobs(model, batch, temperature=1.0, top_k=0, top_p=1.0):
+    """Log-prob of every action of a collated batch under the sampled distribution: (A,)."""
+    logits = model.action_logits(batch)
+    ban = ban_matrix(batch, logits.shape[0], logits.shape[1], model.config.n_vocab)
+    lp = shape_logits(logits, temperature, top_k, top_p, ban)
+    return lp.gather(1, batch["tgt"].unsqueeze(1)).squeeze(1)
+
+
+def sft_loss(model, batch):
+    """Weighted mean cross-entropy over actions (masked errors have weight 0)."""
+    lp = action_logprobs(model, batch)
+    w = batch["weight"]
+    return -(lp * w).sum() / w.sum().clamp(min=1.0)
+
+# -----------------------------------------------------------------------------
+# generation with in-place rewinds
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.0, top_k=0, top_p=1.0,
+             max_backtracks=None, seed=None, stop_at_eot=True, on_step=None, force=None, keep_logits=False,
+             device=None):
+    """Sample a response for each prompt (list of id lists), all rows in one cache.
+
+    policy 'keep': BK is appended like any token. policy 'rewind': BK frees the top slot in place
+    and is not written; the slot below acts again from its stored logits, with every token
+    deleted at that slot banned there. Shared bans: BK while the response is empty, and BK
+    once max_backtracks are spent. Returns, per row, dict(response=raw actions incl. BK,
+    logprobs=log-prob of each action under the sampled distribution, resolved=ids).
+    on_step(row, token, popped_token_or_None) is called for each action (for streaming).
+    force: per row, a list of actions to replay instead of sampling (tests, scoring); a row
+    ends when its list does. keep_logits: also return each action's raw logits.
+    """
+    cfg = model.config
+    device = device or next(model.parameters()).device
+    B = len(prompts)
+    bk, eot = cfg.bk_id, cfg.eot_id
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    plen = torch.tensor([len(p) for p in prompts], device=device)
+    Tp = int(plen.max())
+    max_len = Tp + max_new_tokens + 1
+    if cfg.pos == "learned" and max_len > cfg.block_size:
+        max_len = cfg.block_size
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(cfg, B, max_len, device=device, dtype=dtype)
+    idx = torch.zeros(B, Tp, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        idx[b, :len(p)] = torch.tensor(p, device=device)
+    model.hidden(idx, torch.arange(Tp, device=device).expand(B, Tp), cache=cache)
+    cache.lengths.copy_(plen)
+    stacks = [[] for _ in range(B)]        # surviving response tokens per row (slot = plen + index)
+    bans = [dict() for _ in range(B)]      # rewind: slot -> tokens deleted there
+    n_bk = [0] * B
+    out = [dict(response=[], logprobs=[], logits=[]) for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)
+    if force is not None:
+        max_new_tokens = max(len(f) for f in force)
+        done = torch.tensor([len(f) == 0 for f in force], device=device)
+    for step in range(max_new_tokens):
+        top = cache.lengths - 1
+        logits = model.lm_head(cache.h[rows, top])                  # (B, V)
+        ban = torch.zeros_like(logits, dtype=torch.bool)
+        ban[:, cfg.n_vocab:] = True
+        for b in range(B):
+            if policy == "rewind":
+                for t in bans[b].get(int(top[b]), ()):
+                    ban[b, t] = True
+            if not stacks[b] or (max_backtracks is not None and n_bk[b] >= max_backtracks):
+                ban[b, bk] = True
+        lp = shape_logits(logits, temperature, top_k, top_p, ban)
+        if force is not None:
+            nxt = torch.tensor([f[step] if step < len(f) else 0 for f in force], device=device)
+        elif temperature and temperature > 0:
+            nxt = torch.multinomial(lp.exp(), 1, generator=gen).squeeze(1)
+        else:
+            nxt = lp.argmax(-1)
+        nlp = lp[rows, nxt]
+        write = torch.zeros(B, dtype=torch.bool, device=device)
+        for b in range(B):
+            if done[b]:
+                continue
+            t = int(nxt[b])
+            out[b]["response"].append(t)
+            out[b]["logprobs"].append(float(nlp[b]))
+            if keep_logits:
+                out[b]["logits"].append(logits[b].clone())
+            popped = None
+            if t == bk:
+                n_bk[b] += 1
+                if stacks[b]:
+                    popped = stacks[b].pop()
+                if policy == "rewind":
+                    if popped is not None:
+                        slot = int(cache.lengths[b]) - 1
+                        bans[b].pop(slot, None)
+                        bans[b].setdefault(slot - 1, set()).add(popped)
+                        cache.lengths[b] -= 1
+                else:
+                    write[b] = True
+            else:
+                stacks[b].append(t)
+                write[b] = True
+            if on_step is not None:
+                on_step(b, t, popped)
+            ended = (step + 1 >= len(force[b])) if force is not None else (stop_at_eot and t == eot)
+            if ended or int(cache.lengths[b]) + int(write[b]) >= max_len:
+                done[b] = True
+                write[b] = False
+        if bool(done.all()):
+            break
+        # one batched forward; rows that rewound or finished write a dummy token past their
+        # length (a slot nothing attends to) and do not advance
+        tok = torch.where(write, nxt, torch.zeros_like(nxt)).unsqueeze(1)
+        pos = cache.lengths.clone().clamp(max=max_len - 1).unsqueeze(1)
+        model.hidden(tok, pos, cache=cache)
+        cache.lengths += write.long()
+    for b in range(B):
+        out[b]["resolved"] = resolve(out[b]["response"], bk)
+    return out
+
+
