@@ -199,6 +199,8 @@ def layout(trace, bk_id, policy="keep", mask_errors=True, max_backtracks=None, t
                 raise ValueError(f"unknown policy {policy!r}: expected 'keep' or 'rewind'")
             ids.append(t)
             stack.append(len(ids) - 1)
+    if len(ids) > len(P) and (not src or src[-1] != len(ids) - 1) and len(ids) - 1 not in set(src):
+        ids.pop(); pos.pop(); parent.pop()   # the last token written never acts: no need to feed it
     return dict(ids=ids, pos=pos, parent=parent, src=src, tgt=tgt, weight=weight, bans=bans)
 
 

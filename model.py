@@ -657,6 +657,9 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
                     ban[b, t] = True
             if not stacks[b] or (max_backtracks is not None and n_bk[b] >= max_backtracks):
                 ban[b, bk] = True
+        # a row whose every token is banned has tried and deleted everything at this slot: it ends
+        done |= ban.all(-1)
+        ban[done] = False  # keep the distribution defined for finished rows; their samples are discarded
         lp = shape_logits(logits, temperature, top_k, top_p, ban)
         if force is not None:
             nxt = torch.tensor([f[step] if step < len(f) else 0 for f in force], device=device)

@@ -1,0 +1,229 @@
+"""Model invariants: HF parity, cached decoding, training/inference equivalence per policy,
+in-place rewinds, RL log-probs, checkpoint round trips, and loop-free greedy rewind."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES
+from data import Trace, collate, layout, resolve, Tokenizer
+from model import GPT, GPTConfig, KVCache, action_logprobs, generate, init_bk_embedding
+
+V, EOT, BK = 50, 48, 49
+
+
+def tiny(kind="gpt2", seed=0, **kw):
+    torch.manual_seed(seed)
+    base = dict(block_size=96, vocab_size=64, n_vocab=V, eot_id=EOT, bk_id=BK, n_layer=2, n_head=2, n_embd=32)
+    if kind == "llama":
+        base.update(n_head=4, n_kv_head=2, bias=False, norm="rmsnorm", mlp="swiglu", pos="rope",
+                    qk_norm=True, tie_embeddings=False)
+    base.update(kw)
+    return GPT(GPTConfig(**base)).eval()
+
+
+def random_trace(rng, n_max=24, p_bk=0.35):
+    P = [rng.randrange(EOT) for _ in range(rng.randint(1, 6))]
+    R, depth = [], 0
+    for _ in range(rng.randint(1, n_max)):
+        if rng.random() < p_bk:  # BKs may also fall on an empty response (a no-op)
+            R.append(BK); depth = max(depth - 1, 0)
+        else:
+            R.append(rng.randrange(EOT)); depth += 1
+    return Trace(P, R)
+
+
+def test_gpt2_parity_with_reference_logits():
+    path = os.path.join(FIXTURES, "hf_gpt2_tiny")
+    m = GPT.from_pretrained(path)
+    ids = torch.from_numpy(np.load(os.path.join(path, "ref_input_ids.npy")))
+    ref = torch.from_numpy(np.load(os.path.join(path, "ref_logits.npy")))
+    with torch.no_grad():
+        out = m(ids)[..., :ref.shape[-1]]
+    assert (out - ref).abs().max().item() < 1e-5
+    assert m.config.bk_id == 1000 and m.config.vocab_size >= 1001  # room for the backtrack token
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_cached_decoding_equals_full_forward(kind):
+    m = tiny(kind)
+    ids = torch.randint(0, EOT, (3, 20))
+    with torch.no_grad():
+        full = m(ids)
+        cache = KVCache(m.config, 3, 32)
+        steps = []
+        for t in range(20):
+            pos = torch.full((3, 1), t)
+            steps.append(m(ids[:, t:t + 1], pos, cache=cache))
+            cache.lengths += 1
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("policy", ["keep", "rewind"])
+def test_training_layout_equals_cached_decoding(kind, policy):
+    """Invariant 2: one batched training forward equals step-by-step decoding that rewinds in place."""
+    m = tiny(kind)
+    rng = random.Random(1)
+    for _ in range(5):
+        traces = [random_trace(rng) for _ in range(4)]
+        batch = collate([layout(t, BK, policy) for t in traces])
+        with torch.no_grad():
+            train = m.action_logits(batch)
+        out = generate(m, [t.prompt for t in traces], policy=policy, force=[t.response for t in traces],
+                       keep_logits=True)
+        dec = torch.cat([torch.stack(o["logits"]) for o in out])
+        assert train.shape == dec.shape
+        assert (train - dec).abs().max().item() < 1e-5
+        for t, o in zip(traces, out):
+            assert o["resolved"] == resolve(t.response, BK)
+
+
+def test_rewind_layout_hides_errors():
+    """Under `rewind` the correction after `E1 E2 BK BK` sees exactly the prompt, at the same slot."""
+    m = tiny()
+    P, C = [1, 2, 3], [7, 8]
+    err = Trace(P, [30, 31, BK, BK] + C)
+    clean = Trace(P, C)
+    with torch.no_grad():
+        a = m.action_logits(collate([layout(err, BK, "rewind")]))
+        b = m.action_logits(collate([layout(clean, BK, "rewind")]))
+        k = m.action_logits(collate([layout(err, BK, "keep")]))
+    # actions of the error trace: E1, E2, BK, BK, C1, C2; the last two equal the clean trace's
+    assert torch.allclose(a[4:], b[:2], atol=1e-6)
+    assert torch.allclose(a[0], a[4], atol=1e-6)          # the prompt slot acts again, same logits
+    assert not torch.allclose(k[4:], b[:2], atol=1e-3)    # `keep` sees the errors
+
+
+def test_layout_bans_and_targets():
+    P = [1, 2]
+    t = Trace(P, [10, 11, BK, BK, 12, EOT])
+    L = layout(t, BK, "rewind")
+    # slots act: prompt E1 ; E1 -> E2 ; E2 -> BK ; E1 -> BK ; prompt -> C ; C -> EOT
+    assert L["src"] == [1, 2, 3, 2, 1, 4]
+    assert L["ids"] == [1, 2, 10, 11, 12] and L["pos"] == [0, 1, 2, 3, 2]
+    assert L["parent"] == [-1, 0, 1, 2, 1]
+    assert L["weight"] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert BK in L["bans"][0]                  # nothing to delete yet
+    assert L["bans"][3] == (11,)               # E1's slot: E2 was deleted there
+    assert L["bans"][4] == (10, BK)            # prompt slot: E1 deleted there, and the response is empty
+    assert L["bans"][5] == ()
+    Lu = layout(t, BK, "rewind", mask_errors=False)
+    assert Lu["weight"] == [1.0] * 6
+    Lk = layout(t, BK, "keep", max_backtracks=1)
+    assert BK in Lk["bans"][3] and BK not in Lk["bans"][2]   # the cap bans BK once one is spent
+
+
+def test_rewind_is_in_place_and_per_row():
+    """Invariant 3: a rewind moves one row's length pointer; no cache tensor is copied or changed."""
+    m = tiny()
+    cache = KVCache(m.config, 3, 40)
+    with torch.no_grad():
+        m.hidden(torch.randint(0, EOT, (3, 10)), torch.arange(10).expand(3, 10), cache=cache)
+    cache.lengths.fill_(10)
+    ptrs = (cache.k.data_ptr(), cache.v.data_ptr(), cache.h.data_ptr(), cache.lengths.data_ptr())
+    before = (cache.k.clone(), cache.v.clone())
+    cache.rewind(torch.tensor([1]))
+    cache.rewind(torch.tensor([False, False, True]), 3)
+    assert cache.lengths.tolist() == [10, 9, 7]
+    assert (cache.k.data_ptr(), cache.v.data_ptr(), cache.h.data_ptr(), cache.lengths.data_ptr()) == ptrs
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
+
+
+def test_rollout_logprobs_match_training_forward():
+    """Invariant 4: every sampled action's log-prob (temperature, top-k, top-p, bans) is recomputed."""
+    for policy in ["keep", "rewind"]:
+        for (T, k, p) in [(1.0, 0, 1.0), (0.7, 12, 0.9), (1.3, 0, 0.8)]:
+            m = tiny()
+            with torch.no_grad():   # steer the final hidden state towards BK: sampled ~1 in 8
+                u = torch.nn.functional.normalize(torch.randn(32), dim=0)
+                m.transformer.ln_f.bias.copy_(u)
+                m.transformer.wte.weight[BK] = 2 * u
+            prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]]
+            out = generate(m, prompts, max_new_tokens=30, policy=policy, temperature=T, top_k=k, top_p=p,
+                           max_backtracks=4, seed=0)
+            traces = [Trace(pr, o["response"]) for pr, o in zip(prompts, out)]
+            assert sum(r.count(BK) for r in (o["response"] for o in out)) > 0
+            batch = collate([layout(t, BK, policy, max_backtracks=4) for t in traces])
+            with torch.no_grad():
+                lp = action_logprobs(m, batch, T, k, p)
+            rec = torch.tensor([x for o in out for x in o["logprobs"]])
+            assert torch.isfinite(lp).all()
+            assert (lp - rec).abs().max().item() < 1e-5
+
+
+def test_greedy_rewind_never_loops_and_cap_holds():
+    m = tiny()
+    with torch.no_grad():   # a model that wants to backtrack after every token
+        u = torch.nn.functional.normalize(torch.randn(32), dim=0)
+        m.transformer.ln_f.bias.copy_(u)
+        m.transformer.wte.weight[BK] = 5 * u
+    for cap in [None, 5]:
+        out = generate(m, [[1, 2, 3], [9]], max_new_tokens=200, policy="rewind", temperature=0,
+                       max_backtracks=cap, stop_at_eot=False)
+        for o in out:
+            seen, stack = set(), []
+            for t in o["response"]:       # a loop revisits a (state, action) pair
+                key = (tuple(stack), t)
+                assert key not in seen
+                seen.add(key)
+                stack = stack[:-1] if t == BK else stack + [t]
+            if cap is not None:
+                assert o["response"].count(BK) <= cap
+
+
+def test_batched_generation_matches_one_by_one():
+    m = tiny()
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8]]
+    forced = [[10, BK, 11, 12, BK, BK, 13], [14, 15], [BK, 16, BK, 17, 18, 19, BK]]
+    both = generate(m, prompts, policy="rewind", force=forced, keep_logits=True)
+    for i in range(3):
+        one = generate(m, [prompts[i]], policy="rewind", force=[forced[i]], keep_logits=True)
+        assert torch.allclose(torch.stack(both[i]["logits"]), torch.stack(one[0]["logits"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_checkpoint_and_hf_export_round_trip(tmp_path, kind):
+    m = tiny(kind)
+    ids = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        ref = m(ids)
+    m.save(str(tmp_path / "ck"), meta=dict(step=3))
+    m.save(str(tmp_path / "ck"), meta=dict(step=4))   # overwrite goes through the atomic path
+    m2 = GPT.from_pretrained(str(tmp_path / "ck"))
+    assert m2.meta["step"] == 4 and m2.config == m.config
+    m.export_hf(str(tmp_path / "hf"))
+    m3 = GPT.from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        assert torch.equal(m2(ids), ref)
+        assert (m3(ids)[..., :V] - ref[..., :V]).abs().max().item() < 1e-6
+    assert m3.config.bk_id == BK
+    assert not os.path.exists(str(tmp_path / "ck") + ".tmp")
+
+
+def test_tokenizers_special_tokens():
+    for name in ["byte", "gpt2"]:
+        tok = Tokenizer(name)
+        ids = tok.encode("a <|BACKTRACK|> b <|endoftext|>")
+        assert tok.bk_id not in ids and tok.eot_id not in ids   # user text is never special
+        assert tok.decode(ids) == "a <|BACKTRACK|> b <|endoftext|>"
+    g = Tokenizer("gpt2")
+    assert g.eot_id == 50256 and g.bk_id == 50257 and g.encode("hello world") == [31373, 995]
+
+
+@pytest.mark.parametrize("method", ["mean", "semantic", "description"])
+def test_bk_embedding_init(method):
+    tok = Tokenizer("byte")
+    m = tiny(vocab_size=320, n_vocab=258, eot_id=256, bk_id=257)
+    init_bk_embedding(m, tok, method=method, noise=False)
+    W = m.transformer.wte.weight
+    want = {"mean": W[:256].mean(0), "description": W[tok.encode("This token is used to delete the previous token in the response.")].mean(0)}
+    if method in want:
+        assert torch.allclose(W[257], want[method], atol=1e-6)
+    init_bk_embedding(m, tok, method=method, noise=True)
+    assert not torch.allclose(W[257], W[:256].mean(0))
+    m2 = tiny("llama", vocab_size=320, n_vocab=258, eot_id=256, bk_id=257)
+    init_bk_embedding(m2, tok, method=method)
+    assert m2.lm_head.weight[257].abs().sum() > 0   # untied: the output row is set too
