@@ -288,15 +288,16 @@ class GPT(nn.Module):
             cache.h[rows, pos] = x.to(cache.h.dtype)
         return x
 
-    def forward(self, idx, pos=None, mask=None, cache=None):
-        """Logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden(idx, pos, mask, cache))
+    def forward(self, idx, pos=None, mask=None, cache=None, act=None):
+        """Logits (B, T, vocab_size); with act=(rows, cols), only those nodes' logits (A, vocab_size):
+        in training only the nodes that act go through lm_head, most of the cost at large vocab."""
+        h = self.hidden(idx, pos, mask, cache)
+        if act is not None:
+            h = h[act[0], act[1]]
+        return self.lm_head(h)
 
     def action_logits(self, batch):
-        """Logits for the actions of a collated batch (data.collate): (A, vocab_size).
-        Only the nodes that act go through lm_head, which is most of the cost at large vocab."""
-        h = self.hidden(batch["ids"], batch["pos"], batch["mask"])
-        return self.lm_head(h[batch["act_row"], batch["act_src"]])
+        return action_logits(self, batch)
 
     # -- checkpoints -----------------------------------------------------------
 
@@ -585,19 +586,33 @@ def ban_matrix(batch, n_actions, vocab_size, n_vocab):
     return ban
 
 
+def action_logits(model, batch):
+    """Logits for the actions of a collated batch (data.collate): (A, vocab_size). `model` may be
+    wrapped (DDP, torch.compile): the call goes through its forward so gradient sync works."""
+    return model(batch["ids"], batch["pos"], batch["mask"], act=(batch["act_row"], batch["act_src"]))
+
+
+def unwrap(model):
+    """The GPT inside a DDP and/or torch.compile wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def action_logprobs(model, batch, temperature=1.0, top_k=0, top_p=1.0):
     """Log-prob of every action of a collated batch under the sampled distribution: (A,)."""
-    logits = model.action_logits(batch)
-    ban = ban_matrix(batch, logits.shape[0], logits.shape[1], model.config.n_vocab)
+    logits = action_logits(model, batch)
+    ban = ban_matrix(batch, logits.shape[0], logits.shape[1], unwrap(model).config.n_vocab)
     lp = shape_logits(logits, temperature, top_k, top_p, ban)
     return lp.gather(1, batch["tgt"].unsqueeze(1)).squeeze(1)
 
 
-def sft_loss(model, batch):
-    """Weighted mean cross-entropy over actions (masked errors have weight 0)."""
+def sft_loss(model, batch, normalizer=None):
+    """Weighted cross-entropy over actions (masked errors have weight 0), divided by the total
+    weight, or by `normalizer` (the whole global batch's weight, so that gradient accumulation
+    and DDP give the same loss as one big batch)."""
     lp = action_logprobs(model, batch)
     w = batch["weight"]
-    return -(lp * w).sum() / w.sum().clamp(min=1.0)
+    return -(lp * w).sum() / (w.sum().clamp(min=1.0) if normalizer is None else normalizer)
 
 # -----------------------------------------------------------------------------
 # generation with in-place rewinds
