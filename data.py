@@ -267,4 +267,4 @@ def collate(layouts, pad_id=0, device="cpu"):
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)
     return dict(ids=ids.to(device), pos=pos.to(device), mask=None if mask is None else mask.to(device),
                 act_row=t(rows), act_src=t(srcs), tgt=t(tgts), weight=t(ws, torch.float32),
-                ban_act=t(ban_a), ban_tok=t(ban_t))
+                ban_act=t(ban_a), ban_tok=t(ban_t), n_tokens=sum(len(L["ids"]) for L in layouts))
