@@ -268,3 +268,747 @@ def collate(layouts, pad_id=0, device="cpu"):
     return dict(ids=ids.to(device), pos=pos.to(device), mask=None if mask is None else mask.to(device),
                 act_row=t(rows), act_src=t(srcs), tgt=t(tgts), weight=t(ws, torch.float32),
                 ban_act=t(ban_a), ban_tok=t(ban_t), n_tokens=sum(len(L["ids"]) for L in layouts))
+
+# -----------------------------------------------------------------------------
+# answers: the one parser that rewards and evaluation share
+
+import difflib
+import hashlib
+import unicodedata
+from fractions import Fraction
+
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
+
+
+def normalize_number(s):
+    """Canonical text of a number: '1,000' -> '1000', '$3.50' -> '3.5', '-0' -> '0', '+7.' -> '7'.
+    None if s is not a plain number (no units, no words: the verifiers are exact)."""
+    s = s.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    if not _NUMBER.fullmatch(s):
+        return None
+    sign = "-" if s[0] == "-" else ""
+    whole, _, frac = s.lstrip("+-").partition(".")
+    whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")
+    if whole == "0" and not frac:
+        sign = ""  # -0 is 0
+    return sign + whole + ("." + frac if frac else "")
+
+
+def parse_answer(text):
+    """The final answer of a response: the number on the line after the last '####' (text after an
+    end-of-text marker is ignored), normalized by normalize_number; None when absent or not a number."""
+    if text is None:
+        return None
+    text = text.split(EOT_TEXT)[0]
+    if "####" not in text:
+        return None
+    return normalize_number(text.rsplit("####", 1)[1].split("\n")[0])
+
+
+def response_lines(text):
+    """Non-empty, stripped lines of a response, up to end-of-text."""
+    return [l.strip() for l in text.split(EOT_TEXT)[0].split("\n") if l.strip()]
+
+
+def _bucket(text, n=10):
+    # a stable hash (Python's hash() is salted per process): splits must not change between runs
+    return int(hashlib.md5(text.encode("utf-8")).hexdigest(), 16) % n
+
+# -----------------------------------------------------------------------------
+# tasks: generators or loaders, prompt formats and exact verifiers
+#
+# A problem is a dict with at least 'question', 'answer' (canonical, as parse_answer returns it) and
+# 'solution' (the clean response text, without end-of-text, ending in a '#### <answer>' line).
+# The response follows task.prompt(problem) directly.
+
+
+class Task:
+    name = "task"
+
+    def problems(self, split, n=None, seed=0):
+        raise NotImplementedError
+
+    def prompt(self, p):
+        return p["question"] + "\n"
+
+    def verify(self, text, p):
+        return parse_answer(text) == p["answer"]
+
+    def steps(self, text, p):
+        return []
+
+    def slip(self, p, rng):
+        """A plausible wrong solution of p (text), or None: material for lcs augmentation."""
+        return None
+
+    def is_test(self, p):
+        return False
+
+    def check_train(self, problems):
+        """Raise if any problem belongs to the test split: training data must never contain one."""
+        bad = [p["question"] for p in problems if self.is_test(p)]
+        if bad:
+            raise ValueError(f"{self.name}: {len(bad)} test problem(s) in training data, e.g. {bad[0][:80]!r}")
+
+
+def _apply(op, a, b):
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op in "*x×":
+        return a * b
+    if op in "/÷":
+        return a / b  # callers pass Fractions; b == 0 raises ZeroDivisionError
+    raise ValueError(f"unknown operator {op!r}")
+
+
+class Arith(Task):
+    """Multi-step arithmetic on a running total, for tiny models trained from scratch.
+
+    question '3+5-2+7', response '3+5=8\\n8-2=6\\n6+7=13\\n#### 13'. Every step reads the previous
+    result and the next operand and is computable on its own; totals stay in [0, max_value], so
+    the numbers in a step are short. The defaults (1-digit operands, 2-4 steps of + and -) are what a
+    ~2M-parameter model learns to high greedy accuracy in a few CPU minutes; see test numbers in
+    the commit that chose them. Splits: a question is 'test' iff a stable hash of it falls in the
+    test bucket (1 in 10), so train and test are disjoint whatever the seeds.
+    """
+    name = "arith"
+
+    def __init__(self, min_steps=2, max_steps=4, digits=1, ops="+-", max_value=99, n_train=20000, n_test=500):
+        assert 1 <= min_steps <= max_steps and digits >= 1 and set(ops) <= set("+-*"), "bad arith settings"
+        self.min_steps, self.max_steps, self.digits, self.ops = min_steps, max_steps, digits, ops
+        self.max_value, self.n_default = max_value, dict(train=n_train, test=n_test)
+        self.lo, self.hi = (1 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
+        assert self.hi <= max_value, "max_value must hold an operand"
+
+    def _make(self, rng):
+        total = rng.randint(self.lo, self.hi)
+        nums, ops = [total], []
+        for _ in range(rng.randint(self.min_steps, self.max_steps)):
+            for _ in range(100):  # redraw until the running total stays in range
+                op, b = rng.choice(self.ops), rng.randint(self.lo, self.hi)
+                if 0 <= _apply(op, total, b) <= self.max_value:
+                    break
+            else:
+                op, b = "-", min(total, self.hi)
+            total = _apply(op, total, b)
+            nums.append(b); ops.append(op)
+        return self.problem(nums, ops)
+
+    def problem(self, nums, ops):
+        q = str(nums[0]) + "".join(op + str(b) for op, b in zip(ops, nums[1:]))
+        lines, total = [], nums[0]
+        for op, b in zip(ops, nums[1:]):
+            c = _apply(op, total, b)
+            lines.append(f"{total}{op}{b}={c}")
+            total = c
+        lines.append(f"#### {total}")
+        return dict(question=q, answer=str(total), solution="\n".join(lines), nums=nums, ops=ops)
+
+    def problems(self, split, n=None, seed=0):
+        assert split in ("train", "test"), f"unknown split {split!r}"
+        n = self.n_default[split] if n is None else n
+        rng = random.Random(f"{self.name}:{split}:{seed}")
+        out, seen = [], set()
+        for _ in range(100 * n + 1000):
+            if len(out) == n:
+                break
+            p = self._make(rng)
+            if self.is_test(p) != (split == "test"):
+                continue
+            if split == "test":  # a test set of distinct questions; training may repeat
+                if p["question"] in seen:
+                    continue
+                seen.add(p["question"])
+            out.append(p)
+        return out
+
+    def is_test(self, p):
+        return _bucket(p["question"]) == 0
+
+    _STEP = re.compile(r"(-?\d+)([-+*])(\d+)=(-?\d+)")
+
+    def steps(self, text, p):
+        """Per step line: it applies the problem's next operation to the previous line's result
+        (the first number for line 1) and the arithmetic is right. A line that is not a step, or
+        one too many, is a wrong step."""
+        out, prev = [], p["nums"][0]
+        for k, line in enumerate(l for l in response_lines(text) if not l.startswith("####")):
+            m = self._STEP.fullmatch(line)
+            if not m or k >= len(p["ops"]):
+                out.append(False); prev = None
+                continue
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            out.append(a == prev and op == p["ops"][k] and b == p["nums"][k + 1] and _apply(op, a, b) == c)
+            prev = c
+        return out
+
+    def slip(self, p, rng):
+        """One step's result off by a little, and the steps after it carried on from the wrong total."""
+        nums, ops = p["nums"], p["ops"]
+        k = rng.randrange(len(ops))
+        lines, total = [], nums[0]
+        for i, (op, b) in enumerate(zip(ops, nums[1:])):
+            c = _apply(op, total, b)
+            if i == k:
+                c = c + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if c + d >= 0])
+            lines.append(f"{total}{op}{b}={c}")
+            total = c
+        lines.append(f"#### {total}")
+        return "\n".join(lines)
+
+
+_VALUE = r"(\(\s*-?\d+\s*/\s*\d+\s*\)|-?\d+(?:\.\d+)?)"
+_CD_STEP = re.compile(rf"{_VALUE}\s*([-+*/x×÷])\s*{_VALUE}\s*=\s*{_VALUE}")
+
+
+def _value(s):
+    s = s.strip().strip("()").replace(" ", "")
+    return Fraction(s)  # '7/2', '-3', '2.5' are all exact
+
+
+class Countdown(Task):
+    """Reach a target from n_numbers numbers with + - * /, each number used at most once.
+
+    question 'make 29 from 3 7 8', response '3*8=24\\n24+7=31\\n...#### 29'. Arithmetic is exact
+    (Fractions); a non-integer intermediate is written '(7/2)'. verify accepts any valid solution:
+    every step uses two values still available (given numbers, or results of earlier steps, each
+    once) and computes them right, and the last step's result is the target.
+    """
+    name = "countdown"
+
+    def __init__(self, n_numbers=3, max_number=20, max_target=100, ops="+-*/", n_train=20000, n_test=500):
+        assert n_numbers >= 2 and set(ops) <= set("+-*/"), "bad countdown settings"
+        self.n_numbers, self.max_number, self.max_target, self.ops = n_numbers, max_number, max_target, ops
+        self.n_default = dict(train=n_train, test=n_test)
+
+    def _make(self, rng):
+        while True:
+            nums = [rng.randint(1, self.max_number) for _ in range(self.n_numbers)]
+            pool, lines = list(nums), []
+            ok = True
+            while len(pool) > 1:  # combine two random values until one is left: all numbers used
+                a = pool.pop(rng.randrange(len(pool)))
+                b = pool.pop(rng.randrange(len(pool)))
+                op = rng.choice(self.ops)
+                if op == "-" and a < b:
+                    a, b = b, a  # generated solutions stay positive and in integers
+                if op == "/" and (b <= 1 or a % b):
+                    op = "+"
+                c = int(_apply(op, Fraction(a), Fraction(b)))
+                lines.append(f"{a}{op}{b}={c}")
+                pool.append(c)
+                ok = ok and c > 0
+            t = pool[0]
+            if ok and 1 <= t <= self.max_target and t not in nums:
+                q = f"make {t} from " + " ".join(map(str, nums))
+                return dict(question=q, answer=str(t), solution="\n".join(lines + [f"#### {t}"]), nums=nums, target=t)
+
+    def problems(self, split, n=None, seed=0):
+        assert split in ("train", "test"), f"unknown split {split!r}"
+        n = self.n_default[split] if n is None else n
+        rng = random.Random(f"{self.name}:{split}:{seed}")
+        out, seen = [], set()
+        for _ in range(100 * n + 1000):
+            if len(out) == n:
+                break
+            p = self._make(rng)
+            if self.is_test(p) != (split == "test") or (split == "test" and p["question"] in seen):
+                continue
+            seen.add(p["question"])
+            out.append(p)
+        return out
+
+    def is_test(self, p):
+        return _bucket(p["question"]) == 0
+
+    def _walk(self, text, p):
+        """(per-step validity, value of the last step, well_formed). A response is well formed when
+        it is step lines, then one '####' line, then nothing."""
+        lines = response_lines(text)
+        ends = [i for i, l in enumerate(lines) if l.startswith("####")]
+        well_formed = len(ends) == 1 and ends[0] == len(lines) - 1
+        pool = [Fraction(x) for x in p["nums"]]
+        ok, last = [], None
+        for line in lines[:ends[-1] if ends else len(lines)]:
+            m = _CD_STEP.fullmatch(line)
+            if not m:
+                ok.append(False)
+                well_formed = False
+                continue
+            a, op, b, c = _value(m[1]), m[2], _value(m[3]), _value(m[4])
+            good = False
+            if a in pool:
+                pool.remove(a)
+                if b in pool:
+                    pool.remove(b)
+                    try:
+                        good = _apply(op, a, b) == c
+                    except ZeroDivisionError:
+                        pass
+                    if not good:
+                        pool.append(b)
+                if not good:
+                    pool.append(a)
+            if good:
+                pool.append(c)
+                last = c
+            ok.append(good)
+        return ok, last, well_formed
+
+    def verify(self, text, p):
+        if parse_answer(text) != p["answer"]:
+            return False
+        ok, last, well_formed = self._walk(text, p)
+        return well_formed and bool(ok) and all(ok) and last == Fraction(p["target"])
+
+    def steps(self, text, p):
+        return self._walk(text, p)[0]
+
+    def slip(self, p, rng):
+        """The reference solution with one step's result off by one (later steps left as they were)."""
+        lines = p["solution"].split("\n")[:-1]
+        k = rng.randrange(len(lines))
+        m = _CD_STEP.fullmatch(lines[k])
+        lines[k] = f"{m[1]}{m[2]}{m[3]}={int(_value(m[4])) + rng.choice((-1, 1))}"
+        return "\n".join(lines + [f"#### {p['answer']}"])
+
+
+def read_jsonl(path, fields=()):
+    """(line number, row) for each row of a JSONL file. A malformed line, or a row missing a field, raises ValueError naming
+    the file and the line, so a bad data file fails loudly instead of training on less."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object")
+            for k in fields:
+                if not isinstance(row.get(k), str):
+                    raise ValueError(f"{path}:{i}: missing or non-string field {k!r}")
+            rows.append((i, row))
+    return rows
+
+
+def normalize_question(q):
+    """Question text for leak checks: unicode-folded, lowercased, whitespace collapsed."""
+    q = unicodedata.normalize("NFKC", q).replace("\u2019", "'").replace("\u2018", "'")
+    return " ".join(q.lower().split())
+
+
+_CALC = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
+_NUM_TXT = r"\$?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)%?"
+_EQ_TXT = re.compile(rf"(?<![\d.])((?:\(\s*)*{_NUM_TXT}(?:\s*\))*(?:\s*[-+*/x×÷]\s*(?:\(\s*)*{_NUM_TXT}(?:\s*\))*)+)"
+                     rf"\s*=\s*(-?{_NUM_TXT})")
+
+
+def eval_expr(s):
+    """Exact value (Fraction) of an arithmetic expression: numbers (with $ , %), + - * / x ( )."""
+    toks = re.findall(r"(?:\d+(?:\.\d*)?|\.\d+)%?|[-+*/x×÷()]", s.replace(",", "").replace("$", ""))
+    if "".join(toks) != re.sub(r"\s", "", s.replace(",", "").replace("$", "")):
+        raise ValueError(f"not an arithmetic expression: {s!r}")
+    pos = 0
+
+    def peek():
+        return toks[pos] if pos < len(toks) else None
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return toks[pos - 1]
+
+    def atom():
+        t = take() if peek() is not None else None
+        if t == "(":
+            v = expr()
+            if take() != ")":
+                raise ValueError("unbalanced parentheses")
+            return v
+        if t in ("-", "+"):
+            return -atom() if t == "-" else atom()
+        if t is None or not (t[0].isdigit() or t[0] == "."):
+            raise ValueError(f"expected a number in {s!r}")
+        return Fraction(t[:-1]) / 100 if t.endswith("%") else Fraction(t)
+
+    def term():
+        v = atom()
+        while peek() in ("*", "/", "x", "×", "÷"):
+            v = _apply(take(), v, atom())
+        return v
+
+    def expr():
+        v = term()
+        while peek() in ("+", "-"):
+            v = _apply(take(), v, term())
+        return v
+
+    try:
+        v = expr()
+    except IndexError:
+        raise ValueError(f"incomplete expression {s!r}") from None
+    if pos != len(toks):
+        raise ValueError(f"trailing tokens in {s!r}")
+    return v
+
+
+def check_equation(expr, value):
+    """expr evaluates to value; a value written with d decimals may be rounded to d decimals.
+    'x = 75%' is right whether x is 75 or 0.75 (both ways of writing a percentage occur)."""
+    v = normalize_number(value.replace("%", ""))
+    if v is None:
+        return False
+    try:
+        got = eval_expr(expr)
+    except (ValueError, ZeroDivisionError):
+        return False
+    tol = Fraction(1, 2 * 10 ** len(v.partition(".")[2]))
+    wants = [Fraction(v)] + ([Fraction(v) / 100] if value.strip().endswith("%") else [])
+    return any(abs(got - w) <= tol for w in wants)
+
+
+class GSM8K(Task):
+    """Grade-school math word problems from JSONL rows with 'question' and 'answer' (the reasoning,
+    then '#### <final answer>').
+
+    calc='strip' drops the <<a*b=c>> calculator annotations from the solution text, 'keep' keeps
+    them. The training split drops (and counts in self.dropped) any question whose normalized text
+    is in the test file, and check_train raises if one gets in another way.
+    """
+    name = "gsm8k"
+
+    def __init__(self, path=None, data_dir=None, calc="strip", test_path=None):
+        assert calc in ("strip", "keep"), f"calc must be 'strip' or 'keep', not {calc!r}"
+        self.calc = calc
+        d = data_dir or (path if path and os.path.isdir(path) else None)
+        d = d or os.path.join(REPO_DIR, "..", "shared", "data", "gsm8k")
+        self.file = path if path and not os.path.isdir(path) else None  # one file for every split
+        self.data_dir = d
+        self.test_path = test_path or os.path.join(d, "test.jsonl")
+        self.dropped = 0
+        self._test_questions = None
+
+    def solution_text(self, answer):
+        body, _, final = answer.rpartition("####")
+        body = body.strip()
+        if self.calc == "strip":
+            body = _CALC.sub("", body)
+        return body, normalize_number(final)
+
+    def problems(self, split, n=None, seed=0):
+        assert split in ("train", "test"), f"unknown split {split!r}"
+        path = self.file or os.path.join(self.data_dir, f"{split}.jsonl")
+        out = []
+        for i, row in read_jsonl(path, fields=("question", "answer")):
+            body, ans = self.solution_text(row["answer"])
+            if "####" not in row["answer"] or ans is None:
+                raise ValueError(f"{path}:{i}: answer has no '#### <number>' line")
+            out.append(dict(question=row["question"].strip(), answer=ans,
+                            solution=(body + "\n" if body else "") + f"#### {ans}", line=i))
+        if split == "train":
+            n0 = len(out)
+            out = [p for p in out if not self.is_test(p)]
+            self.dropped = n0 - len(out)
+        if n is not None and n < len(out):
+            out = random.Random(f"{self.name}:{split}:{seed}").sample(out, n)
+        return out
+
+    def is_test(self, p):
+        if self._test_questions is None:
+            if not os.path.exists(self.test_path):  # nothing to check against (a custom data set)
+                self._test_questions = set()
+            else:
+                rows = read_jsonl(self.test_path, fields=("question",))
+                self._test_questions = {normalize_question(r["question"]) for _, r in rows}
+        return normalize_question(p["question"]) in self._test_questions
+
+    def prompt(self, p):
+        return f"Question: {p['question']}\nAnswer:\n"
+
+    def steps(self, text, p):
+        """One bool per equation: each <<expr=value>> annotation when the text has them, else each
+        'a op b = c' written in the text, evaluated exactly (c may be rounded to its decimals)."""
+        text = text.split(EOT_TEXT)[0].rsplit("####", 1)[0]
+        if _CALC.search(text):
+            return [check_equation(e, v) for e, v in _CALC.findall(text)]
+        return [check_equation(e, v) for e, v in _EQ_TXT.findall(text)]
+
+    def slip(self, p, rng):
+        """The solution with one computed result (after '=') replaced by a near miss."""
+        sol = p["solution"]
+        spots = [m for m in re.finditer(r"=\s*\$?(\d+)", sol)]
+        if not spots:
+            return None
+        m = rng.choice(spots)
+        v = int(m[1])
+        w = v + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if v + d >= 0])
+        return sol[:m.start(1)] + str(w) + sol[m.end(1):]
+
+
+def example_solution_pairs(path=None, calc="strip"):
+    """(question, wrong, right) from example_model_solutions.jsonl: every model solution marked
+    incorrect, paired with the ground truth, both rewritten in the gsm8k solution format (the
+    final 'A: N' line becomes '#### N'; calc annotations stripped or kept). These are GSM8K *test*
+    questions: material for measuring and testing the lcs augmentation, never for training."""
+    path = path or os.path.join(REPO_DIR, "..", "shared", "data", "gsm8k", "example_model_solutions.jsonl")
+
+    def fmt(s):
+        s = s.strip()
+        if calc == "strip":
+            s = _CALC.sub("", s)
+        lines = s.split("\n")
+        if lines and lines[-1].startswith("A:"):
+            a = normalize_number(lines[-1][2:]) or lines[-1][2:].strip()
+            lines[-1] = f"#### {a}"
+        return "\n".join(lines)
+
+    out = []
+    for i, row in read_jsonl(path, fields=("question", "ground_truth")):
+        for k, v in row.items():
+            if isinstance(v, dict):
+                if not isinstance(v.get("solution"), str) or "is_correct" not in v:
+                    raise ValueError(f"{path}:{i}: {k!r} needs 'solution' and 'is_correct'")
+                if not v["is_correct"]:
+                    out.append((row["question"], fmt(v["solution"]), fmt(row["ground_truth"])))
+    return out
+
+
+TASKS = dict(arith=Arith, countdown=Countdown, gsm8k=GSM8K)
+
+
+def get_task(name="arith", **kw):
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: expected one of {sorted(TASKS)}")
+    return TASKS[name](**kw)
+
+# -----------------------------------------------------------------------------
+# augmentations: clean responses -> traces with backtracks, all in token ids
+#
+# Every function here returns a response whose resolve() is exactly the clean response it was
+# given. Error tokens are never BK or end-of-text, and nothing is inserted after a final
+# end-of-text token (the model must not learn to write past the end).
+
+
+def _span(x, rng):
+    """An int, or a random int from an inclusive (lo, hi) range."""
+    return rng.randint(*x) if isinstance(x, (tuple, list)) else int(x)
+
+
+def inject_random(clean_ids, bk_id, rng, n_errors, error_len=(1, 3), vocab=None, sampler=None,
+                  eot_id=None, max_backtracks=None):
+    """Random injection (notes 4.1): up to n_errors error spans at distinct random positions, each
+    span followed by as many BKs, then the clean response carries on.
+
+    Error tokens come from sampler(clean_ids, i, rng) -> ids (or None: no plausible error before
+    clean_ids[i]), else uniformly from vocab (an id range or list), else from the response's own
+    tokens. error_len (int or (lo, hi)) sets the span length when sampling from a vocabulary.
+    max_backtracks caps the BKs written; the first error token never equals the clean token it
+    stands in for (that would be no error at all).
+    """
+    clean = list(clean_ids)
+    special = {bk_id, eot_id}
+    assert bk_id not in clean, "a clean response has no BK"
+    ends = eot_id is not None and clean and clean[-1] == eot_id
+    n_pos = len(clean) if ends else len(clean) + 1  # position i: the errors go before clean[i]
+    if sampler is None:
+        pool = list(vocab) if vocab is not None else [t for t in clean if t not in special]
+        pool = [t for t in pool if t not in special]
+        if not pool:
+            return clean
+    budget = math.inf if max_backtracks is None else max_backtracks
+    spans = {}
+    for i in rng.sample(range(n_pos), n_pos):
+        if len(spans) >= n_errors or budget <= 0:
+            break
+        right = clean[i] if i < len(clean) else None
+        if sampler is not None:
+            if right is None or right in special:
+                continue
+            err = sampler(clean, i, rng)
+            if not err or err[0] == right or any(t in special for t in err):
+                continue
+        else:
+            err = [rng.choice(pool) for _ in range(max(1, _span(error_len, rng)))]
+            for _ in range(10):
+                if err[0] != right:
+                    break
+                err[0] = rng.choice(pool)
+            if err[0] == right:
+                continue
+        err = list(err)[:int(min(len(err), budget))]
+        spans[i] = err
+        budget -= len(err)
+    out = []
+    for i in range(len(clean) + 1):
+        if i in spans:
+            out += spans[i] + [bk_id] * len(spans[i])
+        if i < len(clean):
+            out.append(clean[i])
+    return out
+
+
+_SWAP_OPS = {"+": "-", "-": "+", "*": "/", "/": "*"}
+
+
+def plausible_sampler(tok, max_extra=1):
+    """A sampler for inject_random with errors a model plausibly makes: at a token with digits, the
+    same token with one digit changed (most often by one: a near miss or a wrong operand); at an
+    operator, a different operator; elsewhere none. The wrong token is sometimes followed by up to
+    max_extra tokens of the right continuation, as when a slip is noticed a token late. Works on
+    any tokenizer: the wrong text is encoded on its own, so a span may be several ids."""
+    text_of = {}
+
+    def text(t):
+        if t not in text_of:
+            s = tok.token_bytes(t).decode("utf-8", errors="replace")
+            text_of[t] = None if "\ufffd" in s else s
+        return text_of[t]
+
+    def sample(clean, i, rng):
+        s = text(clean[i])
+        if not s:
+            return None
+        digits = [k for k, ch in enumerate(s) if ch in "0123456789"]
+        if digits:
+            k = rng.choice(digits)
+            d = int(s[k])
+            if rng.random() < 0.7:
+                nd = (d + rng.choice((-1, 1))) % 10
+            else:
+                nd = rng.choice([x for x in range(10) if x != d])
+            new = s[:k] + str(nd) + s[k + 1:]
+        elif s.strip() in _SWAP_OPS:
+            new = s.replace(s.strip(), _SWAP_OPS[s.strip()])
+        else:
+            return None
+        err = tok.encode(new)
+        more = clean[i + 1:i + 1 + rng.randint(0, max_extra)]
+        return err + [t for t in more if t not in (tok.eot_id, tok.bk_id)]
+
+    return sample
+
+
+def lcs_trace(wrong_ids, right_ids, bk_id, max_divergences=None, max_backtracks=None):
+    """LCS augmentation (notes 4.2): align a wrong response with the right one (difflib's matching
+    blocks, a longest-common-subsequence style alignment, in token ids) and, at each divergence,
+    write the wrong tokens, as many BKs, then the right tokens; shared stretches are written once.
+    Only the first max_divergences divergences, and only those that fit in max_backtracks BKs in
+    all, are written wrong-then-undone; the others are written right directly. A stretch the
+    wrong response lacks is simply written (nothing to undo)."""
+    wrong, right = list(wrong_ids), list(right_ids)
+    assert bk_id not in wrong and bk_id not in right, "inputs are plain responses"
+    sm = difflib.SequenceMatcher(None, wrong, right, autojunk=False)  # autojunk would skip common tokens
+    out, n_div, n_bk = [], 0, 0
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        k = i2 - i1
+        if tag != "equal" and k > 0 and (max_divergences is None or n_div < max_divergences) \
+                and (max_backtracks is None or n_bk + k <= max_backtracks):
+            out += wrong[i1:i2] + [bk_id] * k
+            n_div += 1
+            n_bk += k
+        out += right[j1:j2]
+    return out
+
+
+def random_vocab(tok):
+    """Ids for uniform random errors: printable ASCII (and newline) for bytes, all of BPE."""
+    if getattr(tok, "name", None) == "byte":
+        return [10] + list(range(32, 127))
+    special = set(getattr(tok, "special", {})) | {tok.eot_id, tok.bk_id}
+    return [i for i in range(tok.n_vocab) if i not in special]
+
+
+AUGMENTS = ("plausible", "random", "lcs")
+
+
+def build_traces(tok, task, problems, rng, backtrack_ratio=0.5, max_backtracks=8, augment="plausible",
+                 n_errors=(1, 2), error_len=(1, 3), allow_test=False):
+    """Training traces: prompt ids = tok.encode(task.prompt(p)); response = the clean solution ids
+    plus end-of-text, augmented with backtracks for a backtrack_ratio share of the problems.
+
+    augment: 'plausible' (near-miss errors), 'random' (uniform tokens), 'lcs' (align a wrong
+    solution with the right one: p['wrong'], a str or list of str, when the problem carries one,
+    else task.slip), 'mixed' (one of those per trace), or a list of names to pick from.
+    max_backtracks caps the BKs of any trace (0: every trace is clean). Where an augmentation finds
+    nothing to do (no wrong solution, no plausible spot) the trace falls back to plausible, then
+    random, injection. Refuses test-split problems unless allow_test.
+    """
+    if not allow_test:
+        task.check_train(problems)
+    kinds = AUGMENTS if augment == "mixed" else (augment,) if isinstance(augment, str) else tuple(augment)
+    for k in kinds:
+        assert k in AUGMENTS, f"unknown augmentation {k!r}: expected one of {AUGMENTS} or 'mixed'"
+    bk, eot = tok.bk_id, tok.eot_id
+    chosen = set(rng.sample(range(len(problems)), round(backtrack_ratio * len(problems))))
+    sampler = plausible_sampler(tok)
+    vocab = random_vocab(tok)
+    traces = []
+    for i, p in enumerate(problems):
+        prompt = tok.encode(task.prompt(p))
+        clean = tok.encode(p["solution"]) + [eot]
+        resp, kind = clean, "clean"
+        if i in chosen and max_backtracks != 0:
+            kind = rng.choice(kinds)
+            if kind == "lcs":
+                wrong = p.get("wrong") or task.slip(p, rng)
+                if isinstance(wrong, (list, tuple)):
+                    wrong = rng.choice(wrong)
+                if wrong:
+                    resp = lcs_trace(tok.encode(wrong) + [eot], clean, bk, max_backtracks=max_backtracks)
+            n = _span(n_errors, rng)
+            if bk not in resp and kind in ("lcs", "plausible"):
+                resp = inject_random(clean, bk, rng, n, sampler=sampler, eot_id=eot, max_backtracks=max_backtracks)
+                kind = "plausible"
+            if bk not in resp:
+                resp = inject_random(clean, bk, rng, n, error_len=error_len, vocab=vocab, eot_id=eot,
+                                     max_backtracks=max_backtracks)
+                kind = "random"
+        assert resolve(resp, bk) == clean, "an augmentation broke resolve(trace) == clean"
+        traces.append(Trace(prompt, resp, meta=dict(augment=kind, n_bk=count_backtracks(resp, bk), index=i)))
+    return traces
+
+# -----------------------------------------------------------------------------
+# curriculum (notes 7.2): how many backtracks a training trace may hold, by training progress
+
+
+@dataclass
+class Curriculum:
+    """Phases (start fraction of training, max backtracks per trace), e.g. '0:2,0.3:5,0.6:10':
+    at most 2 BKs for the first 30% of training, 5 until 60%, then 10. A cap of 'none' means no cap."""
+    phases: list = field(default_factory=lambda: [(0.0, 2), (0.3, 5), (0.6, 10)])
+
+    def __post_init__(self):
+        self.phases = sorted((float(s), m) for s, m in self.phases)
+        if not self.phases or self.phases[0][0] != 0.0:
+            raise ValueError(f"curriculum {self.phases}: the first phase must start at 0")
+        if not all(0 <= s <= 1 for s, _ in self.phases):
+            raise ValueError(f"curriculum {self.phases}: phase starts are fractions of training, in [0, 1]")
+        if not all(m is None or m >= 0 for _, m in self.phases):
+            raise ValueError(f"curriculum {self.phases}: caps are >= 0, or none")
+
+    @classmethod
+    def from_string(cls, s):
+        phases = []
+        for part in s.split(","):
+            start, _, cap = part.partition(":")
+            if not cap:
+                raise ValueError(f"bad curriculum phase {part!r}: expected 'start:max_backtracks'")
+            cap = cap.strip().lower()
+            phases.append((float(start), None if cap in ("none", "inf") else int(cap)))
+        return cls(phases)
+
+    def max_backtracks(self, progress):
+        """The cap in force at progress (0..1, fraction of training done)."""
+        cap = self.phases[0][1]
+        for start, m in self.phases:
+            if progress >= start:
+                cap = m
+        return cap
+
+    def __str__(self):
+        return ",".join(f"{s:g}:{'none' if m is None else m}" for s, m in self.phases)
