@@ -318,7 +318,6 @@ class GPT(nn.Module):
             json.dump(dict(format="backtrack-gpt", config=asdict(self.config), **(meta or {})), f, indent=2)
         for name, obj in (files or {}).items():
             torch.save(obj, os.path.join(tmp, name))
-        _carry_over(path, tmp)
         _rmtree(old)
         if os.path.exists(path):
             os.replace(path, old)
@@ -515,25 +514,6 @@ _QKV = {}  # q/k/v pieces waiting for their siblings (they may sit in different 
 def _rmtree(p):
     import shutil
     shutil.rmtree(p, ignore_errors=True)
-
-
-def _carry_over(path, tmp):
-    """Before a checkpoint folder is swapped for a new one, keep the run's other files in it (the
-    metrics log, eval results): hard-linked into the new folder, so a log still being appended to
-    stays the same file. Weights, configs and training state are never carried: a stale one must
-    not sit beside new weights."""
-    import shutil
-    if not os.path.isdir(path):
-        return
-    for name in os.listdir(path):
-        src, dst = os.path.join(path, name), os.path.join(tmp, name)
-        if (os.path.exists(dst) or not os.path.isfile(src) or name == "config.json"
-                or name.endswith((".safetensors", ".pt", ".bin", ".index.json"))):
-            continue
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
 
 # -----------------------------------------------------------------------------
 # the backtrack token's embedding (research notes, section 3)
