@@ -305,7 +305,8 @@ class GPT(nn.Module):
         """Write the project's checkpoint folder atomically: model.safetensors + config.json
         (the model config, tokenizer and backtrack id, plus `meta`), and `files` (name -> object,
         e.g. optimizer state) through torch.save. Everything is written to a temporary folder,
-        then renamed over the old one, so a crash never leaves a half-written checkpoint."""
+        then renamed over the old one, so a crash never leaves a half-written checkpoint. Other
+        files in the folder (a run's metrics.jsonl) move into the new folder first."""
         from safetensors.torch import save_file
         path = path.rstrip("/")
         tmp, old = path + ".tmp", path + ".old"
@@ -320,6 +321,9 @@ class GPT(nn.Module):
             torch.save(obj, os.path.join(tmp, name))
         _rmtree(old)
         if os.path.exists(path):
+            for name in os.listdir(path):   # carry over what this save does not write (logs, eval results)
+                if not os.path.exists(os.path.join(tmp, name)):
+                    os.replace(os.path.join(path, name), os.path.join(tmp, name))
             os.replace(path, old)
         os.replace(tmp, path)
         _rmtree(old)
