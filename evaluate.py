@@ -1,0 +1,96 @@
+"""
+Evaluate a checkpoint on held-out problems: accuracy after resolve, greedy and sampled, with
+backtrack statistics.
+
+    python evaluate.py --ckpt out/sft --task arith --n 500
+
+Every number is computed on the resolved completion with the task's own verifier and the one
+answer parser (data.parse_answer) that rewards use too.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from data import get_task, get_tokenizer, parse_answer, resolve
+from model import GPT, generate
+
+
+@torch.no_grad()
+def evaluate(model, tok, task, problems, policy="rewind", temperature=0.0, top_k=0, top_p=1.0,
+             max_new_tokens=128, max_backtracks=None, batch_size=64, seed=0, progress=False):
+    """Generate one completion per problem and score it. Returns (metrics dict, per-sample records)."""
+    was_training = model.training
+    model.eval()
+    records = []
+    chunks = range(0, len(problems), batch_size)
+    for i in tqdm(chunks, desc=f"eval T={temperature}", disable=not progress, leave=False):
+        batch = problems[i:i + batch_size]
+        prompts = [tok.encode(task.prompt(p)) for p in batch]
+        outs = generate(model, prompts, max_new_tokens=max_new_tokens, policy=policy, temperature=temperature,
+                        top_k=top_k, top_p=top_p, max_backtracks=max_backtracks, seed=seed + i)
+        for p, o in zip(batch, outs):
+            resolved = [t for t in o["resolved"] if t != tok.eot_id]
+            text = tok.decode(resolved)
+            n_bk = o["response"].count(tok.bk_id)
+            records.append(dict(question=p["question"], answer=p["answer"], response=o["response"],
+                                text=text, parsed=parse_answer(text), correct=bool(task.verify(text, p)),
+                                backtracks=n_bk, finished=tok.eot_id in o["resolved"],
+                                hit_cap=max_backtracks is not None and n_bk >= max_backtracks))
+    model.train(was_training)
+    n = max(len(records), 1)
+    metrics = dict(
+        n=len(records),
+        acc=sum(r["correct"] for r in records) / n,
+        bk_per_sample=sum(r["backtracks"] for r in records) / n,
+        share_backtracked=sum(r["backtracks"] > 0 for r in records) / n,
+        finished=sum(r["finished"] for r in records) / n,
+        hit_cap=sum(r["hit_cap"] for r in records) / n,
+        mean_len=sum(len(r["response"]) for r in records) / n,
+    )
+    return metrics, records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out/sft")
+    p.add_argument("--task", default=None, help="default: the checkpoint's task")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--policy", choices=["keep", "rewind"], default=None)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampled pass@1 temperature (greedy is always run)")
+    p.add_argument("--max_new_tokens", type=int, default=None)
+    p.add_argument("--max_backtracks", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="JSON file for the metrics (default: <ckpt>/eval.json)")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.ckpt):
+        sys.exit(f"error: no checkpoint at --ckpt={args.ckpt!r}")
+    model = GPT.from_pretrained(args.ckpt, device=args.device)
+    meta = getattr(model, "meta", {})
+    tok = get_tokenizer(model.config.tokenizer)
+    name = args.task or meta.get("task", "arith")
+    task = get_task(name, **(meta.get("task_kwargs", {}) if name == meta.get("task") else {}))
+    policy = args.policy or meta.get("policy", "rewind")
+    problems = task.problems("test", n=args.n, seed=args.seed)
+    mnt = args.max_new_tokens or meta.get("max_new_tokens", 128)
+    result = {}
+    for label, T in (("greedy", 0.0), (f"T={args.temperature}", args.temperature)):
+        m, _ = evaluate(model, tok, task, problems, policy, T, max_new_tokens=mnt, max_backtracks=args.max_backtracks,
+                        seed=args.seed, progress=True)
+        result[label] = m
+    print(f"{args.ckpt} | task={name} | policy={policy} | n={len(problems)}")
+    keys = list(next(iter(result.values())).keys())
+    print(f"{'':>10} " + " ".join(f"{k:>17}" for k in keys))
+    for label, m in result.items():
+        print(f"{label:>10} " + " ".join(f"{m[k]:>17.4f}" if isinstance(m[k], float) else f"{m[k]:>17}" for k in keys))
+    out = args.out or os.path.join(args.ckpt, "eval.json")
+    with open(out, "w") as f:
+        json.dump(dict(ckpt=args.ckpt, task=name, policy=policy, **result), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
