@@ -15,8 +15,33 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import get_task, get_tokenizer, parse_answer, resolve
+from data import get_task, get_tokenizer, parse_answer
 from model import GPT, generate
+
+
+def deletion_stats(response, reference, bk_id):
+    """Judge each deletion of a completion against the task's reference solution (ids).
+
+    A token x written on top of surviving prefix S is wrong iff S + [x] is not a prefix of the
+    reference (it diverged, or sits on a path that already had). Deleting a wrong token is a
+    necessary deletion; deleting a right one is unnecessary. Tasks with several valid solutions
+    (countdown, gsm8k) are judged against their one reference, so there `unnecessary` is an upper
+    bound. Returns (necessary, unnecessary)."""
+    stack, ok = [], []   # ok[i]: stack[:i+1] is a prefix of the reference
+    good = bad = 0
+    for t in response:
+        if t == bk_id:
+            if stack:
+                stack.pop()
+                if ok.pop():
+                    bad += 1
+                else:
+                    good += 1
+        else:
+            i = len(stack)
+            ok.append((not ok or ok[-1]) and i < len(reference) and reference[i] == t)
+            stack.append(t)
+    return good, bad
 
 
 @torch.no_grad()
@@ -36,22 +61,34 @@ def evaluate(model, tok, task, problems, policy="rewind", temperature=0.0, top_k
             resolved = [t for t in o["resolved"] if t != tok.eot_id]
             text = tok.decode(resolved)
             n_bk = o["response"].count(tok.bk_id)
+            reference = tok.encode(p["solution"]) + [tok.eot_id]
+            necessary, unnecessary = deletion_stats(o["response"], reference, tok.bk_id)
             records.append(dict(question=p["question"], answer=p["answer"], response=o["response"],
                                 text=text, parsed=parse_answer(text), correct=bool(task.verify(text, p)),
-                                backtracks=n_bk, finished=tok.eot_id in o["resolved"],
+                                backtracks=n_bk, necessary=necessary, unnecessary=unnecessary,
+                                finished=tok.eot_id in o["resolved"],
                                 hit_cap=max_backtracks is not None and n_bk >= max_backtracks))
     model.train(was_training)
+    return summarize(records), records
+
+
+def summarize(records):
+    """Metrics of a list of scored records (see evaluate)."""
     n = max(len(records), 1)
-    metrics = dict(
+    deleted = sum(r["necessary"] + r["unnecessary"] for r in records)
+    corrected = [r for r in records if r["backtracks"] > 0]
+    return dict(
         n=len(records),
         acc=sum(r["correct"] for r in records) / n,
         bk_per_sample=sum(r["backtracks"] for r in records) / n,
-        share_backtracked=sum(r["backtracks"] > 0 for r in records) / n,
-        finished=sum(r["finished"] for r in records) / n,
+        share_backtracked=len(corrected) / n,
+        precision=sum(r["necessary"] for r in records) / deleted if deleted else float("nan"),
+        unnecessary_per_sample=sum(r["unnecessary"] for r in records) / n,
+        corrections_right=sum(r["correct"] for r in corrected) / len(corrected) if corrected else float("nan"),
         hit_cap=sum(r["hit_cap"] for r in records) / n,
+        finished=sum(r["finished"] for r in records) / n,
         mean_len=sum(len(r["response"]) for r in records) / n,
     )
-    return metrics, records
 
 
 def main(argv=None):
