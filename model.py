@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import resolve
+from data import hf_tokenizer_ids, resolve
 
 
 @dataclass
@@ -251,6 +251,15 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .bfloat16() and to_empty() all come through here. The rotary frequencies stay
+        # fp32 whatever the weights' dtype (in bf16 every angle pos * freq would drift), and are
+        # recomputed rather than moved, since to_empty() leaves them uninitialised.
+        super()._apply(fn, *args, **kwargs)
+        if self.config.pos == "rope":
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
     def num_params(self):
         n = sum(p.numel() for p in self.parameters())
         if self.config.pos == "learned":
@@ -340,11 +349,14 @@ class GPT(nn.Module):
             cfg = GPTConfig(**meta["config"])
             names = {"model.safetensors": None}
         else:
-            cfg = config_from_hf(meta, cfg_path)
+            cfg = config_from_hf(meta, cfg_path, hf_tokenizer_ids(path))
             names = safetensors_files(path)
+        # Allocate the model once, already in the target dtype and on the target device, and copy each
+        # tensor into it as it is read (cast on the fly): peak memory stays near one copy of the weights
+        # plus the largest tensor, not an fp32 model plus its cast.
         with torch.device("meta"):
-            model = cls(cfg)
-        model.to_empty(device="cpu")
+            model = cls(cfg).to(dtype)
+        model.to_empty(device=device)
         sd = model.state_dict()
         loaded = set()
         from safetensors import safe_open
@@ -369,10 +381,8 @@ class GPT(nn.Module):
         missing = [k for k in sd if k not in loaded]
         if missing:
             raise ValueError(f"{path}: checkpoint lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        if cfg.pos == "rope":
-            model.inv_freq = rope_inv_freq(cfg)
         model.meta = meta
-        return model.to(device=device, dtype=dtype).eval()
+        return model.eval()
 
     def export_hf(self, path):
         """Write a Hugging Face folder (config.json + model.safetensors) that other tools open.
@@ -454,9 +464,12 @@ def safetensors_files(path):
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
 
 
-def config_from_hf(hf, where="config.json"):
+def config_from_hf(hf, where="config.json", tok=None):
     """GPTConfig from a Hugging Face config.json. The table gets room for the backtrack token:
-    it takes id = the checkpoint's vocab_size, and the table is padded to a multiple of 64."""
+    it takes id = the checkpoint's vocab_size, and the table is padded to a multiple of 64.
+    tok: the folder's tokenizer ids (data.hf_tokenizer_ids), when it has one: then eot and BK are the
+    tokenizer's (BK on a reserved or unused row where the family has one), so the two always agree,
+    and the table grows (padded) only when the tokenizer's ids run past it."""
     mt = hf.get("model_type")
     V = hf["vocab_size"]
     eot = hf.get("eos_token_id")
@@ -465,6 +478,9 @@ def config_from_hf(hf, where="config.json"):
                   eot_id=eot if eot is not None else V - 1, tokenizer=hf.get("backtrack_tokenizer", "gpt2" if mt == "gpt2" else mt))
     if "backtrack_token_id" in hf:  # a folder this project exported: the table already holds BK
         common.update(vocab_size=V, n_vocab=V, bk_id=hf["backtrack_token_id"])
+    if tok is not None:
+        common.update(vocab_size=V if tok["n_vocab"] <= V else padded_vocab(tok["n_vocab"]), n_vocab=tok["n_vocab"],
+                      eot_id=tok["eot_id"], bk_id=tok["bk_id"], tokenizer=tok["path"])
     if mt == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{where}: activation {hf['activation_function']!r} is not supported")
@@ -497,19 +513,19 @@ def convert_hf_tensor(k, t, cfg):
             k = "transformer." + k
         if any(k.endswith(c) for c in CONV1D):
             t = t.t()
-        return [(k, t.float())]
+        return [(k, t)]
     for ours, theirs in LLAMA_NAMES:
         k = k.replace(theirs, ours)
     for part in ("q_proj", "k_proj", "v_proj"):
         if f".self_attn.{part}." in k:
             key = k.replace(f".self_attn.{part}.", ".attn.c_attn.")
             buf = _QKV.setdefault(key, {})
-            buf[part] = t.float()
+            buf[part] = t
             if len(buf) < 3:
                 return []
             del _QKV[key]
             return [(key, torch.cat([buf["q_proj"], buf["k_proj"], buf["v_proj"]], dim=0))]
-    return [(k.replace(".self_attn.", ".attn."), t.float())]
+    return [(k.replace(".self_attn.", ".attn."), t)]
 
 
 _QKV = {}  # q/k/v pieces waiting for their siblings (they may sit in different shards)
