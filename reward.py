@@ -1,0 +1,193 @@
+"""
+Rewards for RL on backtrack traces (research notes, section 6), and their curricula (7.3, 7.4).
+
+Every component is computed on the RESOLVED completion (resolve() applied, end-of-text dropped)
+with the task's own verifier and the one answer parser (data.parse_answer) that evaluation uses:
+a completion is scored on what it finally says, never on token overlap with a reference, and
+never against an unresolved target.
+
+Components (each returned, for logging, next to the weighted total):
+- outcome: 1 if task.verify(resolved text) holds; otherwise the task's partial credit where it
+  defines one (task.partial_credit(text, problem) -> [0, 1)), else 0.
+- process: share of the task's per-step checks (task.steps) that pass on the resolved text;
+  0 when no step is written. Tasks without step checks score 0 for every completion, so the
+  component then moves nothing.
+- backtrack: how well backtracks were used, by comparing a DRAFT (below) with the final text:
+      no backtrack, final right            +clean_bonus
+      no backtrack, final wrong             0
+      more backtracks than the budget      -cap_penalty (whatever else happened)
+      draft already right                  -unnecessary_penalty * n_bk
+      draft wrong, final right             +correction_bonus / sqrt(n_bk)      (a successful correction)
+      draft wrong, final wrong             -failed_penalty                      (a failed correction)
+  "right" means the verifier accepts the text and every step check passes.
+  correction_bonus < clean_bonus on purpose: a correction beats not correcting, but writing a
+  deliberate error just to fix it never beats answering right the first time (else "always
+  backtrack" is a reward hack).
+- format: half for ending with end-of-text (not truncated), half for a parseable '#### <answer>'.
+
+The draft (the "pre-backtrack text"), precisely: let `pre` be the response tokens before the
+first BK (all normal tokens: the text as first written, up to where the model first changed its
+mind) and `final` the resolved response. draft = pre + final[len(pre):], i.e. the first draft,
+continued by whatever the final text says from that length on. So a slip fixed in place
+(`3+5=9 BK 8 ...`) has the draft `3+5=9 ...` (wrong) and the final `3+5=8 ...`; a backtrack that
+deletes a right token and writes it again (`8 BK 8`, possible under `keep`) has draft == final;
+a completion deleted entirely has draft == pre. This is a counterfactual "what if the first
+backtrack had not happened", cheap and exact in ids; it is aligned when a correction has the
+length of what it replaced, and when it is not, the draft is garbled, which the verifier reads as
+wrong (the first draft was being rewritten, so it was at least not the final answer).
+The plain alternative, "everything ever written" (the raw completion with BKs dropped), scores a
+no-op `8 BK 8` as a correction (`88` is wrong), which would pay the bonus for pointless backtracks.
+"""
+import math
+from dataclasses import dataclass, field
+
+from data import Curriculum, EOT_TEXT, parse_answer, resolve
+
+COMPONENTS = ("outcome", "process", "backtrack", "format")
+
+
+@dataclass
+class RewardConfig:
+    clean_bonus: float = 1.0          # backtrack component of a right answer written without backtracks
+    correction_bonus: float = 0.5     # a successful correction earns this / sqrt(n_bk); keep < clean_bonus
+    unnecessary_penalty: float = 0.2  # per backtrack, when the draft was already right
+    failed_penalty: float = 0.2       # backtracked, and still wrong
+    cap_penalty: float = 1.0          # more backtracks than the budget allows
+
+    def __post_init__(self):
+        assert self.correction_bonus < self.clean_bonus, \
+            "correction_bonus must stay below clean_bonus, or deliberate error + fix beats a clean answer"
+
+
+def text_of(tok, ids):
+    """Decoded text of response ids, without end-of-text tokens."""
+    return tok.decode([t for t in ids if t != tok.eot_id])
+
+
+def outcome_score(task, text, problem):
+    if task.verify(text, problem):
+        return 1.0
+    partial = getattr(task, "partial_credit", None)
+    return float(min(max(partial(text, problem), 0.0), 1.0)) if partial is not None else 0.0
+
+
+def process_score(task, text, problem):
+    checks = task.steps(text, problem)
+    return sum(map(bool, checks)) / len(checks) if checks else 0.0
+
+
+def is_right(task, text, problem):
+    """The answer verifies and every step check passes (the criterion drafts are judged by)."""
+    return bool(task.verify(text, problem)) and all(task.steps(text, problem))
+
+
+def draft_ids(response, bk_id):
+    """The pre-backtrack text of a response, in ids (see the module docstring)."""
+    if bk_id not in response:
+        return resolve(response, bk_id)
+    pre = response[:response.index(bk_id)]
+    final = resolve(response, bk_id)
+    return pre + final[len(pre):]
+
+
+def backtrack_score(n_bk, draft_right, final_right, budget, rc):
+    if budget is not None and n_bk > budget:
+        return -rc.cap_penalty
+    if n_bk == 0:
+        return rc.clean_bonus if final_right else 0.0
+    if draft_right:
+        return -rc.unnecessary_penalty * n_bk
+    if final_right:
+        return rc.correction_bonus / math.sqrt(n_bk)
+    return -rc.failed_penalty
+
+
+def score(task, tok, problem, response, budget=None, rc=None):
+    """Reward components of one completion. response: the raw action ids (BKs included, ending in
+    end-of-text unless truncated). budget: the backtrack budget in force (None = no cap).
+    Returns a dict: the four COMPONENTS plus facts for logging (n_bk, right, draft_right, ...)."""
+    rc = rc or RewardConfig()
+    bk, eot = tok.bk_id, tok.eot_id
+    final = resolve(response, bk)
+    text = text_of(tok, final)
+    n_bk = sum(1 for t in response if t == bk)
+    right = is_right(task, text, problem)
+    draft_right = right if n_bk == 0 else is_right(task, text_of(tok, draft_ids(response, bk)), problem)
+    ended = len(final) > 0 and final[-1] == eot
+    return dict(
+        outcome=outcome_score(task, text, problem),
+        process=process_score(task, text, problem),
+        backtrack=backtrack_score(n_bk, draft_right, right, budget, rc),
+        format=0.5 * ended + 0.5 * (parse_answer(text) is not None),
+        n_bk=n_bk, right=right, draft_right=draft_right, ended=ended,
+        over_budget=budget is not None and n_bk > budget,
+        fixed=n_bk > 0 and not draft_right and right,          # a successful correction
+        failed=n_bk > 0 and not draft_right and not right,     # backtracked, still wrong
+        unnecessary=n_bk > 0 and draft_right,                  # backtracked a draft that was right
+    )
+
+
+def total(components, weights):
+    """The weighted sum of the components (weights: name -> float)."""
+    return sum(weights.get(k, 0.0) * components[k] for k in COMPONENTS)
+
+# -----------------------------------------------------------------------------
+# curricula, as config strings
+
+
+# research notes 7.3: early training stresses the mechanism (process, backtracking), late training
+# the answer. The format weight is not in the notes' table; it stays constant.
+WEIGHT_PRESETS = {
+    "notes": "0:outcome=0.5,process=0.8,backtrack=0.8,format=0.3;"
+             "0.33:outcome=0.7,process=0.7,backtrack=0.6,format=0.3;"
+             "0.67:outcome=1.0,process=0.5,backtrack=0.4,format=0.3",
+    "constant": "0:outcome=1.0,process=0.7,backtrack=0.6,format=0.3",
+}
+
+
+@dataclass
+class WeightSchedule:
+    """Reward weights by training progress: phases (start fraction, {component: weight}).
+    From a string 'start:k=v,k=v;start:k=v,...' (a phase holds until the next one starts; a
+    component a phase leaves out weighs 0), a bare 'k=v,...' (one phase), or a preset name."""
+    phases: list = field(default_factory=list)
+
+    @classmethod
+    def from_string(cls, s):
+        s = WEIGHT_PRESETS.get(s.strip(), s)
+        phases = []
+        for part in filter(None, (p.strip() for p in s.split(";"))):
+            start, sep, body = part.partition(":")
+            if not sep:
+                start, body = "0", part
+            w = {}
+            for kv in filter(None, (x.strip() for x in body.split(","))):
+                k, eq, v = kv.partition("=")
+                if not eq or k.strip() not in COMPONENTS:
+                    raise ValueError(f"bad reward weight {kv!r} in {s!r}: expected name=value, names {COMPONENTS}")
+                w[k.strip()] = float(v)
+            phases.append((float(start), w))
+        phases.sort(key=lambda x: x[0])
+        if not phases or phases[0][0] != 0.0:
+            raise ValueError(f"reward weights {s!r}: the first phase must start at 0")
+        return cls(phases)
+
+    def at(self, progress):
+        w = self.phases[0][1]
+        for start, ws in self.phases:
+            if progress >= start:
+                w = ws
+        return {k: w.get(k, 0.0) for k in COMPONENTS}
+
+
+def budget_at(schedule, progress, max_budget=8.0, min_budget=1.0, decay=0.25):
+    """The backtrack budget in force at progress (0..1) (research notes 7.4: it starts generous and
+    tightens). schedule 'exp': max(min_budget, max_budget * decay ** progress), a float (a
+    completion is over budget when n_bk > budget); 'none': no budget; otherwise phases
+    'start:budget,...' as in data.Curriculum (e.g. '0:8,0.5:4,0.8:2'; 'none' = uncapped)."""
+    schedule = schedule.strip()
+    if schedule == "none":
+        return None
+    if schedule == "exp":
+        return max(min_budget, max_budget * decay ** progress)
+    return Curriculum.from_string(schedule).max_backtracks(progress)

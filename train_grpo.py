@@ -1,0 +1,419 @@
+"""
+GRPO on top of an SFT checkpoint: the second stage, which teaches *when* to backtrack.
+
+    python train_grpo.py                                    # from out/sft, ~10 minutes on 2 CPU cores
+    python train_grpo.py --init_from=/path/to/sft --loss_type=dr_grpo --scale_rewards=none
+    python train_grpo.py --num_iterations=2 --beta=0.02     # PPO-style clipping, KL to the SFT model
+    torchrun --standalone --nproc_per_node=2 train_grpo.py
+
+Each step draws P prompts (a pure function of seed and step) and samples G completions of each as
+ONE batch through model.generate, with the checkpoint's context policy (under `rewind` every row
+rewinds its own cache in place). Each completion is scored on its resolved text (reward.py), the
+rewards are turned into group-relative advantages, and the policy gradient runs on the log-probs
+of the sampled actions recomputed by one training forward over data.layout of each trace, at the
+sampling temperature/top-k/top-p, so that they are the very numbers the sampler drew with
+(invariant 4 of the semantics page; checked at runtime on every first pass).
+
+Loss (per action = per sampled token, BKs included; nothing exists after end-of-text, since
+generation stops a row there):
+    dapo     sum over the global batch of token losses / number of tokens in the global batch
+    dr_grpo  sum / (number of sequences * max_new_tokens)   (a constant: no length bias)
+    grpo     mean over each sequence, then mean over sequences
+Token loss: -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * KL_k3, with
+r = pi / pi_old; r == 1 unless a batch is reused for several passes (num_iterations > 1).
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, asdict
+from types import SimpleNamespace
+
+import torch
+from tqdm import tqdm
+
+from data import Trace, collate, get_task, get_tokenizer, layout
+from model import GPT, action_logprobs, generate, read_json, unwrap
+from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
+from train_sft import (JsonlLog, all_reduce_sum, build_model, configure, load_train_state, lr_at,
+                       make_optimizer, parse_kwargs, save_checkpoint, setup_ddp, weights_hash)
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/grpo"
+    init_from: str = "out/sft"       # an SFT checkpoint folder | resume (continue out_dir exactly)
+    # task (default: the checkpoint's own task, settings and context policy)
+    task: str = ""
+    task_kwargs: str = ""
+    policy: str = ""                 # rewind | keep; "" = the checkpoint's
+    n_train: int = 50000             # size of the training problem pool
+    # rollouts
+    prompts_per_step: int = 16       # P: prompts per step, over all processes
+    group_size: int = 8              # G: completions per prompt
+    temperature: float = 1.0         # sampling temperature; log-probs are recomputed at the same one
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    max_backtracks: int = 8          # hard cap in generation: BK is banned once this many are spent
+    # reward (reward.py)
+    reward_weights: str = "constant"  # preset (constant | notes) or 'start:outcome=..,process=..;start:...'
+    budget: str = "exp"              # backtrack budget: exp | none | phases 'start:budget,...'
+    budget_max: float = 8.0          # exp: budget = max(budget_min, budget_max * budget_decay ** progress)
+    budget_min: float = 2.0
+    budget_decay: float = 0.25
+    clean_bonus: float = 1.0
+    correction_bonus: float = 0.5
+    unnecessary_penalty: float = 0.2
+    failed_penalty: float = 0.2
+    cap_penalty: float = 1.0
+    # loss
+    loss_type: str = "dapo"          # dapo | dr_grpo | grpo
+    dr_grpo_tokens: int = 0          # dr_grpo normaliser per sequence; 0 = max_new_tokens
+    scale_rewards: str = "group"     # group | batch | none (divide centred rewards by the group's std, the batch's, or not)
+    mask_truncated: bool = False     # no loss on completions cut off by max_new_tokens
+    num_iterations: int = 1          # optimizer passes over each batch of rollouts
+    epsilon_low: float = 0.2         # ratio clipping (only bites when num_iterations > 1)
+    epsilon_high: float = 0.28
+    beta: float = 0.0                # KL to the frozen initial model (k3); 0 keeps no reference model
+    # optimisation
+    micro_batch: int = 64            # completions per forward/backward (memory; the loss is the same)
+    max_iters: int = 150
+    lr: float = 3e-5
+    min_lr: float = 3e-5
+    warmup_iters: int = 5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    embedding_only: bool = False     # read by train_sft.make_optimizer; GRPO trains the whole model
+    # evaluation and logging
+    eval_interval: int = 50
+    eval_at_start: bool = True       # evaluate the initial checkpoint too (the 'before' numbers)
+    eval_n: int = 200
+    eval_temperature: float = 1.0
+    log_interval: int = 1
+    save_interval: int = 50
+    stop_at: int = 0                 # stop (and save) after this many steps, as if interrupted
+    # system
+    seed: int = 1337
+    device: str = "cpu"
+    compile: bool = False
+    progress: bool = True
+
+# -----------------------------------------------------------------------------
+# the pieces of the objective, as plain functions (tests pin them against hand-computed values)
+
+
+def group_advantages(rewards, group_size, scale_rewards="group", batch_std=None, eps=1e-4):
+    """Rewards (N,) in groups of group_size consecutive completions -> advantages (N,).
+    Centred on the group mean, then divided by the group's std (group), the whole batch's
+    (batch; pass batch_std when the batch spans several processes), or not at all (none,
+    Dr. GRPO). std is the unbiased one; eps keeps a constant group at 0."""
+    r = rewards.view(-1, group_size)
+    a = r - r.mean(1, keepdim=True)
+    if scale_rewards == "group":
+        a = a / (r.std(1, keepdim=True) + eps)
+    elif scale_rewards == "batch":
+        a = a / ((rewards.std() if batch_std is None else batch_std) + eps)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be group | batch | none, not {scale_rewards!r}")
+    return a.reshape(-1)
+
+
+def sequence_weights(lengths, loss_type, n_seq, n_tok, max_new_tokens):
+    """Weight of each token of each sequence in the loss sum (lengths: (N,) actions per sequence;
+    n_seq, n_tok: sequences and tokens in the GLOBAL batch that carry loss). A masked sequence is
+    given length 0 by the caller."""
+    lengths = lengths.float()
+    if loss_type == "dapo":
+        w = torch.full_like(lengths, 1.0 / max(n_tok, 1))
+    elif loss_type == "dr_grpo":
+        w = torch.full_like(lengths, 1.0 / (max(n_seq, 1) * max_new_tokens))
+    elif loss_type == "grpo":
+        w = 1.0 / (lengths.clamp(min=1) * max(n_seq, 1))
+    else:
+        raise ValueError(f"loss_type must be dapo | dr_grpo | grpo, not {loss_type!r}")
+    return torch.where(lengths > 0, w, torch.zeros_like(w))
+
+
+def clipped_objective(logp, old_logp, adv, eps_low, eps_high):
+    """Per token: the PPO loss -min(r A, clip(r) A), and which tokens were clipped low/high."""
+    ratio = torch.exp(logp - old_logp)
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    low = (ratio < 1 - eps_low) & (adv < 0)
+    high = (ratio > 1 + eps_high) & (adv > 0)
+    return loss, low, high
+
+
+def kl_k3(logp, ref_logp):
+    """k3 estimator of KL(pi || ref) per sampled token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+# -----------------------------------------------------------------------------
+# rollouts
+
+
+@torch.no_grad()
+def rollout(model, tok, task, problems, cfg, policy, seed, budget, weights, rc):
+    """G completions of each problem, generated together; each scored. Returns one dict per
+    completion (group after group): prompt, response, logprobs, reward, components."""
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    prompts = [tok.encode(task.prompt(p)) for p in problems for _ in range(cfg.group_size)]
+    outs = generate(raw, prompts, max_new_tokens=cfg.max_new_tokens, policy=policy, temperature=cfg.temperature,
+                    top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cfg.max_backtracks, seed=seed)
+    raw.train(was_training)
+    rows = []
+    for i, o in enumerate(outs):
+        c = score(task, tok, problems[i // cfg.group_size], o["response"], budget, rc)
+        rows.append(dict(prompt=prompts[i], response=o["response"], logprobs=o["logprobs"],
+                         reward=total(c, weights), **c))
+    return rows
+
+
+def recompute_batches(rows, tok, policy, cfg, device):
+    """Collated training batches of micro_batch rows each, with the index of each batch's first row."""
+    out = []
+    for s in range(0, len(rows), cfg.micro_batch):
+        lays = [layout(Trace(r["prompt"], r["response"]), tok.bk_id, policy, mask_errors=False,
+                       max_backtracks=cfg.max_backtracks) for r in rows[s:s + cfg.micro_batch]]
+        out.append((s, collate(lays, device=device)))
+    return out
+
+
+def rollout_logprobs(model, batch, cfg):
+    return action_logprobs(model, batch, cfg.temperature, cfg.top_k, cfg.top_p)
+
+# -----------------------------------------------------------------------------
+
+
+def load_init(cfg, device):
+    """The starting model, its tokenizer and the SFT checkpoint's meta (task, policy)."""
+    path = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        hint = ("nothing to resume" if cfg.init_from == "resume" else
+                "train one first (python train_sft.py) or pass --init_from=/path/to/sft_checkpoint")
+        raise SystemExit(f"error: no checkpoint at {path!r}: {hint}")
+    meta = read_json(os.path.join(path, "config.json"))
+    if meta.get("format") != "backtrack-gpt":
+        raise SystemExit(f"error: {path} is not a checkpoint of this project (train_sft.py writes one); "
+                         "GRPO starts from a model that already knows the backtrack token")
+    tok = get_tokenizer(meta["config"]["tokenizer"])
+    # dropout is off: the rollout and the recompute must see the same network
+    ns = SimpleNamespace(init_from=path, out_dir=cfg.out_dir, tokenizer=meta["config"]["tokenizer"],
+                         bk_init="description", seed=cfg.seed, dropout=0.0)
+    model, meta = build_model(ns, tok, device)
+    return model.to(device), tok, meta
+
+
+def main(argv=None):
+    cfg = configure(Config(), sys.argv[1:] if argv is None else argv)
+    ddp, rank, world, device = setup_ddp(cfg.device)
+    master = rank == 0
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"error: prompts_per_step={cfg.prompts_per_step} must divide among {world} processes")
+    if master:
+        print(json.dumps(asdict(cfg), indent=1))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model, tok, init_meta = load_init(cfg, device)
+    resuming = cfg.init_from == "resume"
+    sft_path = init_meta.get("sft_checkpoint", cfg.init_from) if resuming else cfg.init_from
+    task_name = cfg.task or init_meta.get("task", "arith")
+    task_kwargs = parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else (
+        init_meta.get("task_kwargs", {}) if task_name == init_meta.get("task") else {})
+    task = get_task(task_name, **task_kwargs)
+    policy = cfg.policy or init_meta.get("policy", "rewind")
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    if resuming:
+        st = load_train_state(cfg.out_dir)
+        optimizer.load_state_dict(st["optimizer"])
+        torch.set_rng_state(st["torch_rng"])
+        start = st["step"]
+        if master:
+            print(f"resuming from {cfg.out_dir} at step {start}")
+    ref = None
+    if cfg.beta > 0:  # the frozen initial model, for the KL term
+        ref = GPT.from_pretrained(sft_path, device=device)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model)
+    rc = RewardConfig(cfg.clean_bonus, cfg.correction_bonus, cfg.unnecessary_penalty, cfg.failed_penalty, cfg.cap_penalty)
+    weight_schedule = WeightSchedule.from_string(cfg.reward_weights)
+    pool = task.problems("train", n=cfg.n_train, seed=cfg.seed)
+    held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
+    log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
+    meta = dict(task=task_name, task_kwargs=task_kwargs, policy=policy, max_new_tokens=cfg.max_new_tokens,
+                stage="grpo", sft_checkpoint=sft_path)
+    G, P_local = cfg.group_size, cfg.prompts_per_step // world
+    L = cfg.dr_grpo_tokens or cfg.max_new_tokens
+    if master:
+        print(f"model: {raw.num_params() / 1e6:.2f}M parameters | from {sft_path} | task={task_name} policy={policy} | "
+              f"{cfg.prompts_per_step} prompts x {G} completions per step | loss={cfg.loss_type} | world {world}")
+
+    def run_eval(step):
+        from evaluate import evaluate
+        res = {}
+        for label, T in (("greedy", 0.0), ("t1", cfg.eval_temperature)):
+            m, _ = evaluate(raw, tok, task, held_out, policy, T, max_new_tokens=cfg.max_new_tokens,
+                            max_backtracks=cfg.max_backtracks, seed=cfg.seed)
+            res.update({f"eval/{label}/{k}": v for k, v in m.items() if k != "n"})
+        log(step=step, **res)
+        tqdm.write(f"step {step}: held-out acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "
+                   f"{res['eval/t1/acc']:.3f} | bk/sample greedy {res['eval/greedy/bk_per_sample']:.2f} "
+                   f"T={cfg.eval_temperature} {res['eval/t1/bk_per_sample']:.2f}")
+        return res
+
+    if master and cfg.eval_at_start and start == 0 and cfg.eval_interval > 0:
+        run_eval(0)
+    bar = tqdm(range(start, cfg.max_iters), disable=not (master and cfg.progress), desc="grpo", dynamic_ncols=True)
+    t0, gen_tokens, gen_time, done = time.time(), 0, 0.0, start
+    for step in bar:
+        progress = step / cfg.max_iters
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        weights = weight_schedule.at(progress)
+        budget = budget_at(cfg.budget, progress, cfg.budget_max, cfg.budget_min, cfg.budget_decay)
+
+        # 1. rollouts: this rank's share of the step's prompts, G completions each, one generate call
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        probs = [pool[rng.randrange(len(pool))] for _ in range(cfg.prompts_per_step)]
+        mine = probs[rank * P_local:(rank + 1) * P_local]
+        tg = time.time()
+        rows = rollout(model, tok, task, mine, cfg, policy, (cfg.seed * 1_000_003 + step) * 1024 + rank,
+                       budget, weights, rc)
+        gen_time += time.time() - tg
+        gen_tokens += sum(len(r["response"]) for r in rows)
+
+        # 2. advantages, group-relative (a group never spans processes; the batch std may)
+        rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+        batch_std = None
+        if cfg.scale_rewards == "batch":
+            s = all_reduce_sum(torch.tensor([rewards.sum(), (rewards ** 2).sum(), float(len(rows))],
+                                            dtype=torch.float64), ddp)
+            n = float(s[2])
+            batch_std = math.sqrt(max(float(s[1]) - float(s[0]) ** 2 / n, 0.0) / max(n - 1, 1.0))
+        adv = group_advantages(rewards, G, cfg.scale_rewards, batch_std).float()
+        truncated = torch.tensor([not r["ended"] for r in rows])
+        lengths = torch.tensor([len(r["response"]) for r in rows])
+        counted = lengths.masked_fill(truncated, 0) if cfg.mask_truncated else lengths
+        n_glob = all_reduce_sum(torch.tensor([float((counted > 0).sum()), float(counted.sum()), float(len(rows))],
+                                             dtype=torch.float64), ddp)
+        n_seq = int(n_glob[2]) if cfg.loss_type == "dr_grpo" else int(n_glob[0])
+        w_seq = sequence_weights(counted, cfg.loss_type, n_seq, int(n_glob[1]), L)
+
+        # 3. policy gradient: num_iterations passes over the batch, each one optimizer step
+        batches = recompute_batches(rows, tok, policy, cfg, device)
+        old = [None] * len(batches)   # log-probs of the first pass (== the rollout's), the ratio's pi_old
+        ref_lp = [None] * len(batches)
+        stats = dict(loss=0.0, kl=0.0, clip_low=0.0, clip_high=0.0, tokens=0.0)
+        for it in range(cfg.num_iterations):
+            for k, (s0, batch) in enumerate(batches):
+                sync = not ddp or k == len(batches) - 1
+                ctx = model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
+                with ctx:
+                    lp = rollout_logprobs(model, batch, cfg)
+                    row = batch["act_row"] + s0
+                    if it == 0:
+                        rec = torch.tensor([x for r in rows[s0:s0 + cfg.micro_batch] for x in r["logprobs"]],
+                                           device=lp.device)
+                        assert rec.shape == lp.shape, "layout actions do not match the sampled actions"
+                        err = (lp.detach() - rec).abs().max().item() if rec.numel() else 0.0
+                        if not err <= 1e-4:  # invariant 4: the recompute scores what the sampler drew from
+                            raise RuntimeError(f"recomputed log-probs differ from the rollout's by {err:.2e} "
+                                               f"(step {step}): training and sampling distributions disagree")
+                        old[k] = lp.detach()
+                        if ref is not None:
+                            with torch.no_grad():
+                                ref_lp[k] = rollout_logprobs(ref, batch, cfg)
+                    a, w = adv.to(lp.device)[row], w_seq.to(lp.device)[row]
+                    tok_loss, low, high = clipped_objective(lp, old[k], a, cfg.epsilon_low, cfg.epsilon_high)
+                    if ref is not None:
+                        kl = kl_k3(lp, ref_lp[k])
+                        tok_loss = tok_loss + cfg.beta * kl
+                        stats["kl"] += float((kl.detach() * (w > 0)).sum())
+                    # DDP averages gradients over processes; the weights already hold the global
+                    # normaliser, so scale by world to get the sum over the global batch
+                    loss = (tok_loss * w).sum() * world
+                    loss.backward()
+                stats["loss"] += loss.item() / world
+                live = w > 0
+                stats["clip_low"] += float((low & live).sum())
+                stats["clip_high"] += float((high & live).sum())
+                stats["tokens"] += float(live.sum())
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # 4. metrics, summed over processes
+        done = step + 1
+        comp = {k: torch.tensor([float(r[k]) for r in rows], dtype=torch.float64) for k in COMPONENTS}
+        zero_std = (rewards.view(-1, G).std(1) < 1e-8).double()
+        local = [rewards.sum(), (rewards ** 2).sum(), float(len(rows)), zero_std.sum(), float(len(zero_std)),
+                 float(lengths.sum()), float(truncated.sum()), sum(r["n_bk"] for r in rows),
+                 sum(r["n_bk"] > 0 for r in rows), sum(r["over_budget"] for r in rows),
+                 sum(r["outcome"] == 1.0 for r in rows), stats["loss"], stats["kl"], stats["clip_low"],
+                 stats["clip_high"], stats["tokens"]]
+        local += [sum(r[k] for r in rows) for k in ("fixed", "failed", "unnecessary")]
+        local += [x for k in COMPONENTS for x in (comp[k].sum(), (comp[k] ** 2).sum())]
+        g = all_reduce_sum(torch.tensor([float(x) for x in local], dtype=torch.float64), ddp).tolist()
+        (rs, rs2, n, zs, ng, ln, tr, nbk, hasbk, over, acc, lsum, klsum, clo, chi, ntok), g = g[:16], g[16:]
+        (fixed, failed, unnecessary), cs = g[:3], g[3:]
+        std = lambda s, s2: math.sqrt(max(s2 / n - (s / n) ** 2, 0.0))
+        if not math.isfinite(lsum):
+            raise SystemExit(f"error: loss is {lsum} at step {step}; stopping. The last good checkpoint in "
+                             f"{cfg.out_dir} is untouched.")
+        if master and (step % cfg.log_interval == 0 or done == cfg.max_iters):
+            ntok_pass = max(ntok, 1.0)
+            m = dict(step=step, loss=lsum / cfg.num_iterations, lr=lr, budget=budget, weights=weights,
+                     reward_mean=rs / n, reward_std=std(rs, rs2), zero_std_groups=zs / ng,
+                     completion_len=ln / n, truncated=tr / n, bk_per_sample=nbk / n, share_backtracked=hasbk / n,
+                     over_budget=over / n, bk_fixed=fixed / n, bk_failed=failed / n, bk_unnecessary=unnecessary / n,
+                     acc=acc / n, clip_low=clo / ntok_pass, clip_high=chi / ntok_pass,
+                     clip_region=(clo + chi) / ntok_pass, kl=klsum / ntok_pass,
+                     rollout_tokens_per_s=gen_tokens * world / max(gen_time, 1e-9), elapsed_s=time.time() - t0)
+            for i, k in enumerate(COMPONENTS):
+                m[f"reward/{k}_mean"] = cs[2 * i] / n
+                m[f"reward/{k}_std"] = std(cs[2 * i], cs[2 * i + 1])
+            log(**m)
+            bar.set_postfix(reward=f"{rs / n:.3f}", acc=f"{acc / n:.3f}", bk=f"{nbk / n:.2f}",
+                            tok_s=f"{m['rollout_tokens_per_s']:.0f}")
+        stopping = done == cfg.stop_at
+        if master and (done % cfg.save_interval == 0 or done == cfg.max_iters or stopping):
+            save_checkpoint(model, optimizer, done, cfg, meta)
+        if master and cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
+            run_eval(done)
+        if ddp:
+            import torch.distributed as dist
+            dist.barrier()
+        if stopping:
+            break
+    if ddp:
+        import torch.distributed as dist
+        hashes = [None] * world
+        dist.all_gather_object(hashes, weights_hash(raw))
+        log(step=cfg.max_iters, rank_weight_hashes=hashes)
+        if master and len(set(hashes)) != 1:
+            print(f"warning: ranks hold different weights: {hashes}", file=sys.stderr)
+        dist.destroy_process_group()
+    if master:
+        print(f"done: {done - start} steps in {time.time() - t0:.1f}s; "
+              f"checkpoint in {cfg.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
