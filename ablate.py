@@ -1,0 +1,156 @@
+"""
+The ablation in one command: does backtracking help, and which way of training it?
+
+    python ablate.py                                  # all variants, 3 seeds, writes out/ablation/
+    python ablate.py --variants=clean,rewind --seeds=1 --tokens=300000
+
+Every variant is trained from scratch on the same task with the same number of training tokens
+(backtrack traces are longer than clean ones, so each variant gets its own step count), then
+evaluated on the same held-out problems, greedy and at T=1.0. Variants:
+
+    clean          SFT on clean solutions only (no backtrack token in the data)
+    keep_masked    backtrack traces, errors visible (`keep`), no loss on error tokens
+    keep_unmasked  backtrack traces, errors visible, loss on error tokens too
+    rewind         backtrack traces, error-hiding layout (`rewind`), no loss on error tokens
+    <v>+grpo       the SFT model of <v>, then GRPO (--grpo_iters steps)
+
+It writes out/ablation/results.json (every run), table.md (mean +- std over seeds) and
+curves.svg (held-out greedy accuracy during SFT, mean over seeds).
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, asdict
+
+import train_sft
+from train_sft import configure
+
+VARIANTS = {
+    "clean": ["--backtrack_ratio=0.0"],
+    "keep_masked": ["--policy=keep", "--mask_errors=True"],
+    "keep_unmasked": ["--policy=keep", "--mask_errors=False"],
+    "rewind": ["--policy=rewind", "--mask_errors=True"],
+}
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/ablation"
+    variants: str = "clean,keep_masked,keep_unmasked,rewind,rewind+grpo"
+    seeds: int = 3
+    tokens: int = 2_000_000          # training tokens per SFT run (equal across variants)
+    task: str = "arith"
+    eval_n: int = 300
+    eval_points: int = 4             # held-out evaluations during each SFT run (the curves)
+    grpo_iters: int = 100
+    sft_args: str = ""               # extra --key=value args for every SFT run, space separated
+    grpo_args: str = ""
+
+
+def tokens_per_step(args):
+    """Mean training tokens of one global batch for these SFT args, measured on a few batches."""
+    from data import Curriculum, get_task, get_tokenizer
+    cfg = configure(train_sft.Config(), args)
+    tok, task = get_tokenizer(cfg.tokenizer), get_task(cfg.task, **train_sft.parse_kwargs(cfg.task_kwargs))
+    pool = task.problems("train", n=2000, seed=cfg.seed)
+    cur = Curriculum.from_string(cfg.curriculum)
+    n = []
+    for step, prog in enumerate((0.1, 0.5, 0.9)):
+        tr = train_sft.global_batch(step, cfg, tok, task, pool, None, cur.max_backtracks(prog), cfg.batch_size * cfg.grad_accum)
+        n.append(sum(b["n_tokens"] for b in train_sft.micro_batches(tr, cfg, tok, 0, 1, 0, "cpu")))
+    return sum(n) / len(n)
+
+
+def final_eval(path, n):
+    rows = [json.loads(l) for l in open(os.path.join(path, "metrics.jsonl"))]
+    evals = [r for r in rows if "eval/greedy/acc" in r]
+    return evals[-1], [(r["step"], r["eval/greedy/acc"]) for r in evals]
+
+
+def write_svg(curves, path, w=640, h=400, pad=50):
+    """A plain SVG line chart (no plotting dependency): {label: [(x, y), ...]}, y in [0, 1]."""
+    xmax = max((x for pts in curves.values() for x, _ in pts), default=1) or 1
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
+    X = lambda x: pad + (w - 2 * pad) * x / xmax
+    Y = lambda y: h - pad - (h - 2 * pad) * y
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<line x1="{pad}" y1="{Y(0)}" x2="{w - pad}" y2="{Y(0)}" stroke="black"/>',
+           f'<line x1="{pad}" y1="{Y(0)}" x2="{pad}" y2="{Y(1)}" stroke="black"/>',
+           f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle">fraction of SFT training</text>',
+           f'<text x="12" y="{h / 2}" transform="rotate(-90 12 {h / 2})" text-anchor="middle">held-out greedy accuracy</text>']
+    for t in (0, 0.25, 0.5, 0.75, 1.0):
+        out.append(f'<text x="{pad - 6}" y="{Y(t) + 4}" text-anchor="end">{t:g}</text>')
+    for i, (label, pts) in enumerate(curves.items()):
+        c = colors[i % len(colors)]
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="' +
+                   " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in pts) + '"/>')
+        out.append(f'<text x="{w - pad + 4 - 120}" y="{pad + 16 * i}" fill="{c}">{label}</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+
+
+def main(argv=None):
+    cfg = configure(Config(), sys.argv[1:] if argv is None else argv)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
+    for v in variants:
+        if v.removesuffix("+grpo") not in VARIANTS:
+            raise SystemExit(f"error: unknown variant {v!r}; known: {', '.join(VARIANTS)} (each also with +grpo)")
+    results_path = os.path.join(cfg.out_dir, "results.json")
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    extra = cfg.sft_args.split()
+    t_start = time.time()
+    for base in dict.fromkeys(v.removesuffix("+grpo") for v in variants):
+        args = [f"--task={cfg.task}", *VARIANTS[base], *extra]
+        iters = max(1, round(cfg.tokens / tokens_per_step(args)))
+        for seed in range(cfg.seeds):
+            name = f"{base}/seed{seed}"
+            run = os.path.join(cfg.out_dir, base, f"seed{seed}")
+            if name not in results:   # finished runs are kept: the ablation can be resumed
+                every = max(1, iters // cfg.eval_points)
+                train_sft.main(args + [f"--out_dir={run}", f"--seed={seed}", f"--max_iters={iters}",
+                                       f"--eval_interval={every}", f"--save_interval={iters}",
+                                       f"--eval_n={cfg.eval_n}", "--progress=False"])
+                last, curve = final_eval(run, cfg.eval_n)
+                results[name] = dict(variant=base, seed=seed, iters=iters, curve=[(s / iters, a) for s, a in curve], **last)
+                json.dump(results, open(results_path, "w"), indent=1)
+            if f"{base}+grpo" in variants and f"{base}+grpo/seed{seed}" not in results:
+                import train_grpo
+                gout = run + "-grpo"
+                train_grpo.main([f"--init_from={run}", f"--out_dir={gout}", f"--seed={seed}",
+                                 f"--max_iters={cfg.grpo_iters}", f"--eval_interval={cfg.grpo_iters}",
+                                 f"--eval_n={cfg.eval_n}", "--progress=False", *cfg.grpo_args.split()])
+                last, _ = final_eval(gout, cfg.eval_n)
+                results[f"{base}+grpo/seed{seed}"] = dict(variant=f"{base}+grpo", seed=seed, **last)
+                json.dump(results, open(results_path, "w"), indent=1)
+    # the table: mean +- std over seeds
+    cols = [("greedy acc", "eval/greedy/acc"), ("T=1 acc", "eval/t1/acc"), ("bk/sample (T=1)", "eval/t1/bk_per_sample"),
+            ("backtracked (T=1)", "eval/t1/share_backtracked"), ("precision (T=1)", "eval/t1/precision")]
+    lines = [f"| variant | seeds | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    curves = {}
+    for v in variants:
+        runs = [r for r in results.values() if r["variant"] == v]
+        if not runs:
+            continue
+        cells = []
+        for _, k in cols:
+            xs = [r[k] for r in runs if r.get(k) is not None and r[k] == r[k]]
+            cells.append("n/a" if not xs else f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f}")
+        lines.append(f"| {v} | {len(runs)} | " + " | ".join(cells) + " |")
+        if all("curve" in r for r in runs):
+            pts = list(zip(*[r["curve"] for r in runs]))
+            curves[v] = [(statistics.mean(p[0] for p in col), statistics.mean(p[1] for p in col)) for col in pts]
+    table = "\n".join(lines)
+    with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
+        f.write(table + "\n")
+    write_svg(curves, os.path.join(cfg.out_dir, "curves.svg"))
+    print(table)
+    print(f"ablation: {time.time() - t_start:.0f}s; {results_path}, table.md, curves.svg in {cfg.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
