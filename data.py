@@ -623,14 +623,25 @@ class Arith(Task):
 
     question '3+5-2+7', response '3+5=8\\n8-2=6\\n6+7=13\\n#### 13'. Every step reads the previous
     result and the next operand and is computable on its own; totals stay in [0, max_value], so
-    the numbers in a step are short. The defaults (1-digit operands, 2-4 steps of + and -) are what a
-    ~2M-parameter model learns to high greedy accuracy in a few CPU minutes; see test numbers in
-    the commit that chose them. Splits: a question is 'test' iff a stable hash of it falls in the
-    test bucket (1 in 10), so train and test are disjoint whatever the seeds.
+    the numbers in a step are short (about 45 byte tokens per example).
+
+    Measured with a 1.8M-parameter GPT (4 layers, 192 wide, byte tokens), batch 32, AdamW 1e-3
+    cosine over 2000 steps, clean traces, greedy accuracy on 200 test problems:
+      defaults (1-digit operands, 2-4 steps):  11% @250 steps, 48% @500, 94% @1000, 100% @2000
+      digits=2 (2-digit operands):              1% @500,  43% @1000, 69% @1500,  80% @2000
+      defaults, half the traces with plausible errors (<= 4 BKs, masked):
+                                               25% @500,  78% @1000, 90% @1500,  98% @2000
+    A step is ~0.12 s on 2 idle CPU cores, so the defaults are learned in ~2 minutes; digits=2
+    (or more steps) leaves room for errors that backtracking can fix.
+    Splits: a question is 'test' iff a stable hash of it falls in the test bucket (1 in 10), so
+    train and test are disjoint whatever the seeds.
     """
     name = "arith"
 
-    def __init__(self, min_steps=2, max_steps=4, digits=1, ops="+-", max_value=99, n_train=20000, n_test=500):
+    def __init__(self, min_steps=2, max_steps=4, digits=1, ops="+-", max_value=99, n_train=20000, n_test=500,
+                 steps=None):
+        if steps is not None:  # shorthand: exactly this many steps
+            min_steps = max_steps = int(steps)
         assert 1 <= min_steps <= max_steps and digits >= 1 and set(ops) <= set("+-*"), "bad arith settings"
         self.min_steps, self.max_steps, self.digits, self.ops = min_steps, max_steps, digits, ops
         self.max_value, self.n_default = max_value, dict(train=n_train, test=n_test)

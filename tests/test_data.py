@@ -249,7 +249,7 @@ def test_arith_splits_disjoint_and_deterministic():
         assert task.verify(p["solution"], p) and all(task.steps(p["solution"], p))
     with pytest.raises(ValueError):
         data.build_traces(data.Tokenizer("byte"), task, te[:3], random.Random(0))
-    hard = data.get_task("arith", digits=2, min_steps=3, max_steps=3, ops="+-*")
+    hard = data.get_task("arith", digits=2, steps=3, ops="+-*")
     for p in hard.problems("train", n=100):
         assert len(p["ops"]) == 3 and hard.verify(p["solution"], p) and 0 <= int(p["answer"]) <= 99
 
