@@ -1,0 +1,303 @@
+"""
+Backtrack traces from the model's own errors (research notes 2.6, 4.3, 4.4).
+
+    python self_errors.py --ckpt=out/sft --n=500 --samples=4 --out=out/self_traces.jsonl
+    python train_sft.py --init_from=out/sft --out_dir=out/sft2 --traces_file=out/self_traces.jsonl \\
+        --traces_ratio=0.5 --max_iters=500 --lr=3e-4 --min_lr=3e-5 --warmup_iters=10 --seed=2
+    python train_dpo.py --init_from=out/sft --pairs_file=out/self_pairs.jsonl
+
+Synthetic errors (random or plausible tokens) are not the errors a model makes, so a model trained
+only on them learns to undo noise. Here the checkpoint samples completions of TRAIN problems, as it
+would at inference (its own context policy, backtracks allowed), and every wrong one becomes a trace:
+
+    correct prefix | the model's error tokens | one BK per error token | correct continuation + eot
+
+Where the error starts (the divergence). Token level: the longest common prefix of the model's
+resolved completion with the reference solution, in ids. A trace has to resolve to the reference
+(the one solution we can write the continuation of), so the error cannot start later than that.
+With --divergence=step (default) the line where that happens must also hold a step that the task's
+own step checker (task.steps) marks wrong, or no step at all (the '####' answer line): when the
+line holds only valid steps the model took another valid route (countdown has many), and undoing
+it would teach deletions that were not needed, so the sample is dropped. --divergence=token keeps
+every divergence.
+
+How long the error is. From the divergence to the end of its line (its newline included: the
+model has written the whole step and can check it), at most --max_error tokens, never the
+end-of-text token (nothing is ever written after it). A completion that diverges by stopping
+early (end-of-text where the reference goes on) or by being cut off has nothing to delete and
+is dropped.
+
+The filter (notes 4.4, after Toolformer): a trace is kept only if backtracking makes the correct
+continuation more likely than writing it straight after the error. With the shared context
+c = prompt + correct prefix + error, and log-probs under the checkpoint's policy layout at T=1:
+    gain = log p(BK^k, correction | c) - log p(correction | c)          (--filter_score=full)
+    gain = log p(correction | c, BK^k) - log p(correction | c)          (--filter_score=correction)
+and the trace is kept when gain > --filter_threshold (nats, summed over the tokens). `full`
+charges the backtracks themselves, so it keeps errors whose undoing the model already finds
+cheaper than carrying on; `correction` is Toolformer's own form (the call is free, only its
+effect on the continuation counts). On arith both keep nearly every real error (517 and 531 of
+531 on the default model): the correct continuation written straight after a wrong line is far
+less likely than any backtrack, so there the threshold is the knob.
+
+DPO pairs come from the same kept data: shared prompt + prefix + error, chosen = BKs + correction,
+rejected = the rest of the model's own completion after the error. Such pairs only ever say "after
+an error, backtrack"; nothing in them says "after a correct line, do not", and DPO on them alone
+learns to backtrack after every line (on the default arith model, accuracy at T=1 fell from 0.73 to
+0.45). So by default (--keep_pairs) the samples also give the other side: at the first BK that
+deleted a token of a correct prefix, shared = prompt + that correct prefix, chosen = the rest of the
+reference, rejected = the model's own actions from that BK on. Each pair records its kind
+(backtrack | keep).
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+
+from data import Trace, get_task, get_tokenizer, resolve
+from model import GPT, generate
+from train_dpo import completion_batch, completion_logprobs
+from train_sft import configure, parse_kwargs
+
+
+@dataclass
+class Config:
+    ckpt: str = "out/sft"
+    task: str = ""                   # default: the checkpoint's task (and its settings)
+    task_kwargs: str = ""
+    policy: str = ""                 # rewind | keep; "" = the checkpoint's
+    n: int = 500                     # TRAIN problems to sample
+    samples: int = 4                 # completions per problem
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 0          # 0 = the checkpoint's
+    max_backtracks: int = -1         # cap while sampling (-1: none; 0: no backtracks, the raw errors)
+    divergence: str = "step"         # step | token (see the docstring)
+    max_error: int = 8               # K: at most this many error tokens (and BKs) per trace
+    keep_pairs: bool = True          # also DPO pairs against the model's needless deletions (see the docstring)
+    filter: bool = True
+    filter_score: str = "full"       # full | correction (see the docstring)
+    filter_threshold: float = 0.0    # keep a trace when gain > this (nats)
+    out: str = "out/self_traces.jsonl"
+    pairs_out: str = ""              # DPO pairs; "" = next to --out, 'traces' -> 'pairs' in the name
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "cpu"
+
+# -----------------------------------------------------------------------------
+# from a wrong completion to a trace, in ids
+
+
+def divergence(resolved, reference):
+    """Length of the longest common prefix of two id lists."""
+    d = 0
+    while d < len(resolved) and d < len(reference) and resolved[d] == reference[d]:
+        d += 1
+    return d
+
+
+def line_end(resolved, d, eot_id, is_newline):
+    """End (exclusive) of the line holding position d: just past its newline, or at end-of-text or
+    the end of the completion."""
+    e = d
+    while e < len(resolved) and resolved[e] != eot_id:
+        e += 1
+        if is_newline(resolved[e - 1]):
+            break
+    return e
+
+
+def line_is_wrong(tok, task, p, resolved, d, e):
+    """Step check of the line resolved[..d..e) that holds the divergence d: False when it holds only
+    steps the task calls valid (another route, not an error); True when a step is wrong or there is none."""
+    start = d
+    while start > 0 and b"\n" not in tok.token_bytes(resolved[start - 1]):
+        start -= 1
+    before = task.steps(tok.decode(resolved[:start]), p)
+    through = task.steps(tok.decode(resolved[:e]), p)
+    new = through[len(before):]
+    return not new or not all(new)
+
+
+def candidate(tok, task, p, prompt, resolved, cfg):
+    """A wrong completion -> (candidate dict, None) or (None, reason it is unusable)."""
+    reference = tok.encode(p["solution"]) + [tok.eot_id]
+    d = divergence(resolved, reference)
+    if d == len(resolved):
+        return None, "cut_off"           # a prefix of the reference: nothing written to delete
+    if resolved[d] == tok.eot_id:
+        return None, "ended_early"       # ending is the error; an end-of-text is never deleted
+    # the error runs to the end of its line (the model has written the whole step and can check
+    # it), at most max_error tokens; never the end-of-text token, after which nothing is written
+    e = line_end(resolved, d, tok.eot_id, lambda t: b"\n" in tok.token_bytes(t))
+    err = resolved[d:min(e, d + cfg.max_error)]
+    if cfg.divergence == "step" and not line_is_wrong(tok, task, p, resolved, d, e):
+        return None, "valid_step"
+    prefix = reference[:d]
+    c = dict(prompt=prompt, prefix=prefix + err, n_err=len(err), correction=reference[d:],
+             rejected=resolved[d + len(err):], reference=reference, question=p["question"])
+    c["response"] = prefix + err + [tok.bk_id] * len(err) + c["correction"]
+    assert resolve(c["response"], tok.bk_id) == reference, "a self-error trace must resolve to the reference"
+    return c, None
+
+
+def needless_deletion(response, reference, bk_id):
+    """The first BK of a sampled response that deletes a token of a correct prefix (the surviving
+    tokens are a prefix of the reference): (j, k), j the length of that prefix and k the index of
+    the BK in the response. None when every deletion removed a wrong token."""
+    stack = []
+    for k, t in enumerate(response):
+        if t != bk_id:
+            stack.append(t)
+        elif stack:
+            if stack == reference[:len(stack)]:
+                return len(stack), k
+            stack.pop()
+    return None
+
+# -----------------------------------------------------------------------------
+# the Toolformer-style filter
+
+
+@torch.no_grad()
+def backtrack_gain(model, cands, bk_id, policy, score="full", batch_size=64):
+    """gain per candidate (see the docstring): log p(with backtracks) - log p(straight on), both
+    over the completion after the shared context prompt + prefix + error."""
+    assert score in ("full", "correction"), f"filter_score must be full | correction, not {score!r}"
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gains = []
+    for s in range(0, len(cands), batch_size):
+        part = cands[s:s + batch_size]
+        traces, starts = [], []
+        for c in part:  # with backtracks (the trace itself), then straight on after the error
+            k = 0 if score == "full" else c["n_err"]
+            traces.append(Trace(c["prompt"], c["prefix"] + [bk_id] * c["n_err"] + c["correction"]))
+            starts.append(len(c["prefix"]) + k)
+        for c in part:
+            traces.append(Trace(c["prompt"], c["prefix"] + c["correction"]))
+            starts.append(len(c["prefix"]))
+        lp = completion_logprobs(model, completion_batch(traces, starts, bk_id, policy, device=device))
+        gains.append(lp[:len(part)] - lp[len(part):])
+    model.train(was_training)
+    return torch.cat(gains).tolist() if gains else []
+
+
+def apply_filter(model, cands, bk_id, policy, score="full", threshold=0.0, batch_size=64):
+    """The candidates whose gain > threshold; every candidate gets its 'gain'."""
+    for c, g in zip(cands, backtrack_gain(model, cands, bk_id, policy, score, batch_size)):
+        c["gain"] = g
+    return [c for c in cands if c["gain"] > threshold]
+
+# -----------------------------------------------------------------------------
+
+
+def pairs_path(out):
+    d, b = os.path.split(out)
+    root, ext = os.path.splitext(b)
+    return os.path.join(d, b.replace("traces", "pairs") if "traces" in b else root + "_pairs" + (ext or ".jsonl"))
+
+
+def main(argv=None):
+    cfg = configure(Config(), sys.argv[1:] if argv is None else argv)
+    assert cfg.divergence in ("step", "token"), f"divergence must be step | token, not {cfg.divergence!r}"
+    torch.manual_seed(cfg.seed)
+    if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
+        raise SystemExit(f"error: no checkpoint at --ckpt={cfg.ckpt!r}")
+    model = GPT.from_pretrained(cfg.ckpt, device=cfg.device)
+    meta = getattr(model, "meta", {})
+    tok = get_tokenizer(model.config.tokenizer)
+    task_name = cfg.task or meta.get("task", "arith")
+    task_kwargs = parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else (
+        meta.get("task_kwargs", {}) if task_name == meta.get("task") else {})
+    task = get_task(task_name, **task_kwargs)
+    policy = cfg.policy or meta.get("policy", "rewind")
+    max_new_tokens = cfg.max_new_tokens or meta.get("max_new_tokens", 128)
+    problems = task.problems("train", n=cfg.n, seed=cfg.seed)
+    task.check_train(problems)  # the model's errors on test problems must never become training data
+    print(f"{cfg.ckpt} | task={task_name} policy={policy} | {len(problems)} train problems x {cfg.samples} samples "
+          f"at T={cfg.temperature}")
+
+    t0 = time.time()
+    jobs = [(p, tok.encode(task.prompt(p))) for p in problems for _ in range(cfg.samples)]
+    stats = dict(samples=len(jobs), correct=0, wrong=0)
+    cands, keep_pairs, seen = [], [], set()
+    cap = None if cfg.max_backtracks < 0 else cfg.max_backtracks
+    for s in range(0, len(jobs), cfg.batch_size):
+        part = jobs[s:s + cfg.batch_size]
+        outs = generate(model, [q for _, q in part], max_new_tokens=max_new_tokens, policy=policy,
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cap,
+                        seed=cfg.seed * 1_000_003 + s)
+        for (p, prompt), o in zip(part, outs):
+            resolved = o["resolved"]
+            if cfg.keep_pairs:  # correct or not, a sample may have deleted a correct token
+                reference = tok.encode(p["solution"]) + [tok.eot_id]
+                hit = needless_deletion(o["response"], reference, tok.bk_id)
+                if hit is not None:
+                    j, k = hit
+                    q = dict(prompt=prompt, prefix=reference[:j], chosen=reference[j:], rejected=o["response"][k:],
+                             question=p["question"], kind="keep")
+                    key = (tuple(prompt), tuple(q["prefix"]), tuple(q["rejected"]))
+                    if key not in seen and len(prompt) + j + max(len(q["chosen"]), len(q["rejected"])) \
+                            <= model.config.block_size:
+                        seen.add(key)
+                        keep_pairs.append(q)
+            if task.verify(tok.decode([t for t in resolved if t != tok.eot_id]), p):
+                stats["correct"] += 1
+                continue
+            stats["wrong"] += 1
+            c, why = candidate(tok, task, p, prompt, resolved, cfg)
+            if c is None:
+                stats[why] = stats.get(why, 0) + 1
+                continue
+            if len(prompt) + len(c["response"]) > model.config.block_size:
+                stats["too_long"] = stats.get("too_long", 0) + 1
+                continue
+            key = (tuple(prompt), tuple(c["prefix"]), tuple(c["rejected"]))
+            if key in seen:  # the same error and continuation sampled twice: write it once
+                stats["duplicate"] = stats.get("duplicate", 0) + 1
+                continue
+            seen.add(key)
+            cands.append(c)
+    stats["candidates"] = len(cands)
+    kept = cands
+    if cfg.filter:
+        kept = apply_filter(model, cands, tok.bk_id, policy, cfg.filter_score, cfg.filter_threshold, cfg.batch_size)
+        gains = sorted(c["gain"] for c in cands)
+        if gains:
+            stats["gain_median"] = gains[len(gains) // 2]
+    stats["kept"] = len(kept)
+
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    pairs_out = cfg.pairs_out or pairs_path(cfg.out)
+    written = set()
+    n_traces = n_pairs = 0
+    with open(cfg.out, "w") as ft, open(pairs_out, "w") as fp:
+        for c in kept:
+            m = dict(question=c["question"], n_err=c["n_err"], gain=c.get("gain"))
+            tkey = (tuple(c["prompt"]), tuple(c["response"]))
+            if tkey not in written:  # several continuations of one error: one trace, several pairs
+                written.add(tkey)
+                ft.write(json.dumps(dict(prompt=c["prompt"], response=c["response"], meta=m)) + "\n")
+                n_traces += 1
+            if c["rejected"]:  # an error at the very end has no continuation to prefer against
+                fp.write(json.dumps(dict(prompt=c["prompt"], prefix=c["prefix"],
+                                         chosen=[tok.bk_id] * c["n_err"] + c["correction"],
+                                         rejected=c["rejected"], kind="backtrack", **m)) + "\n")
+                n_pairs += 1
+        for q in keep_pairs:
+            fp.write(json.dumps(q) + "\n")
+    stats.update(traces=n_traces, pairs=n_pairs, keep_pairs=len(keep_pairs), seconds=round(time.time() - t0, 1))
+    print(json.dumps(stats))
+    print(f"wrote {n_traces} traces to {cfg.out} and {n_pairs + len(keep_pairs)} DPO pairs to {pairs_out}")
+    with open(os.path.splitext(cfg.out)[0] + ".stats.json", "w") as f:
+        json.dump(dict(config=asdict(cfg), **stats), f, indent=1)
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""
+Token-level DPO on the model's own errors (research notes 5.3).
+
+    python self_errors.py --ckpt=out/sft --n=500 --samples=4       # writes out/self_pairs.jsonl
+    python train_dpo.py --init_from=out/sft --pairs_file=out/self_pairs.jsonl
+    python train_dpo.py --loss_type=ipo --beta=0.5
+    torchrun --standalone --nproc_per_node=2 train_dpo.py --batch_size=8
+
+A pair shares the prompt and a response prefix (the correct start of a solution, then the tokens
+where the model went wrong); the two completions differ:
+    chosen   = BK per error token, then the correct continuation and end-of-text
+    rejected = the model's own continuation of the error
+Only the completions are scored: log pi(completion | prompt, prefix), summed over the completion's
+actions under the checkpoint's context policy (data.layout, mask_errors=False), with weight 0 on
+every action of the shared prefix. Under `rewind` a BK is an action like any other: its log-prob is
+scored from the slot it deletes, and the correction that follows is scored with the error out of
+the context and banned at its slot, exactly as the sampler would draw it.
+
+Loss, with h = (log pi_c - log ref_c) - (log pi_r - log ref_r):
+    sigmoid  -log sigmoid(beta * h)              (DPO)
+    ipo      (h - 1 / (2 beta))^2                (IPO; summed log-probs, as in the IPO paper)
+The reference is the initial checkpoint, frozen: its log-probs are computed once, before the first
+step, and kept in out_dir/ref_logprobs.pt, so no second model sits in memory and resume is exact.
+Logged like TRL: rewards/chosen = beta (log pi_c - log ref_c), rewards/rejected likewise,
+rewards/margins = their difference, rewards/accuracies = share of pairs with a positive margin.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, asdict
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import Trace, collate, get_task, get_tokenizer, layout
+from model import action_logprobs, read_json
+from train_sft import (JsonlLog, all_reduce_sum, build_model, configure, load_train_state, lr_at,
+                       make_optimizer, parse_kwargs, save_checkpoint, setup_ddp, weights_hash)
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/dpo"
+    init_from: str = "out/sft"        # a checkpoint of this project (the frozen reference too) | resume
+    pairs_file: str = "out/self_pairs.jsonl"
+    # task (default: the checkpoint's own task, settings and context policy)
+    task: str = ""
+    task_kwargs: str = ""
+    policy: str = ""                  # rewind | keep; "" = the checkpoint's
+    # loss
+    loss_type: str = "sigmoid"        # sigmoid (DPO) | ipo
+    beta: float = 0.1
+    sft_weight: float = 0.0           # + this * per-token NLL of the chosen completion (keeps its likelihood up)
+    # optimisation
+    batch_size: int = 16              # pairs per micro-batch per process (two rows each)
+    grad_accum: int = 1
+    max_iters: int = 200
+    lr: float = 1e-5                  # 1e-4 collapsed the default 1.8M arith model into backtracking every line
+    min_lr: float = 1e-6
+    warmup_iters: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    embedding_only: bool = False      # read by train_sft.make_optimizer; DPO trains the whole model
+    # evaluation and logging
+    eval_interval: int = 100
+    eval_at_start: bool = True        # evaluate the initial checkpoint too (the 'before' numbers)
+    eval_n: int = 200
+    eval_temperature: float = 1.0
+    max_new_tokens: int = 0           # for evaluation; 0 = the checkpoint's
+    log_interval: int = 10
+    save_interval: int = 100
+    stop_at: int = 0                  # stop (and save) after this many steps, as if interrupted
+    # system
+    seed: int = 1337
+    device: str = "cpu"
+    compile: bool = False
+    progress: bool = True
+
+# -----------------------------------------------------------------------------
+# scoring completions: the one place that decides which actions count
+
+
+def completion_batch(traces, starts, bk_id, policy, max_backtracks=None, device="cpu"):
+    """Collate traces so that only their completions carry weight: in trace i, the actions of
+    response tokens starts[i].. have weight 1; the shared response prefix before them has weight 0
+    (the prompt is never an action). mask_errors=False: an error token in a completion is the
+    model's own choice and is scored like any other."""
+    lays = []
+    for t, s in zip(traces, starts):
+        L = layout(t, bk_id, policy, mask_errors=False, max_backtracks=max_backtracks)
+        # the layout has one action per response token, in order; the mask below relies on it
+        assert len(L["tgt"]) == len(t.response) and 0 <= s <= len(t.response)
+        L["weight"] = [float(i >= s) for i in range(len(L["tgt"]))]
+        lays.append(L)
+    return collate(lays, device=device)
+
+
+def completion_logprobs(model, batch):
+    """Sum of log-probs over each row's completion actions (weight 1): (B,). The shared prefix
+    contributes exactly nothing, even where its log-prob is -inf (a banned token)."""
+    lp = action_logprobs(model, batch)
+    w = batch["weight"] > 0
+    lp = torch.where(w, lp, torch.zeros_like(lp))
+    B = batch["ids"].shape[0]
+    return torch.zeros(B, device=lp.device, dtype=lp.dtype).index_add(0, batch["act_row"], lp)
+
+
+def pair_batch(pairs, bk_id, policy, device="cpu"):
+    """Chosen rows first, then rejected rows, each prompt + shared prefix + completion."""
+    traces = [Trace(p["prompt"], p["prefix"] + p[k]) for k in ("chosen", "rejected") for p in pairs]
+    starts = [len(p["prefix"]) for _ in ("chosen", "rejected") for p in pairs]
+    return completion_batch(traces, starts, bk_id, policy, device=device)
+
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid"):
+    """Per-pair loss and implicit rewards. All inputs (N,) summed completion log-probs."""
+    rc, rr = pi_c - ref_c, pi_r - ref_r
+    h = rc - rr
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        loss = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be sigmoid | ipo, not {loss_type!r}")
+    return loss, beta * rc.detach(), beta * rr.detach()
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_pairs(path, block_size):
+    """JSONL lines {"prompt", "prefix", "chosen", "rejected": [ids], "question": text (optional)};
+    errors name the file and line."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no pairs file at {path!r}: write one with "
+                         "python self_errors.py --ckpt=<sft checkpoint>")
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                p = {k: [int(x) for x in d[k]] for k in ("prompt", "prefix", "chosen", "rejected")}
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise SystemExit(f"error: {path}:{i}: not a pair line ({e!r})")
+            if not p["prompt"] or not p["chosen"] or not p["rejected"]:
+                raise SystemExit(f"error: {path}:{i}: prompt, chosen and rejected must be non-empty")
+            n = len(p["prompt"]) + len(p["prefix"]) + max(len(p["chosen"]), len(p["rejected"]))
+            if n > block_size:
+                raise SystemExit(f"error: {path}:{i}: a pair of {n} tokens exceeds block_size={block_size}")
+            p["question"] = d.get("question")
+            out.append(p)
+    if not out:
+        raise SystemExit(f"error: {path} holds no pairs")
+    return out
+
+
+def pairs_hash(pairs):
+    h = hashlib.sha256(json.dumps([[p[k] for k in ("prompt", "prefix", "chosen", "rejected")] for p in pairs]).encode())
+    return h.hexdigest()[:16]
+
+
+def pair_indices(step, seed, n, size):
+    """Indices of the global batch of a step: epochs of fresh permutations, a pure function of
+    (seed, step), so resume and DDP are exact and each pair is seen once per epoch."""
+    out = []
+    for k in range(step * size, (step + 1) * size):
+        epoch, j = divmod(k, n)
+        perm = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.append(perm[j])
+    return out
+
+
+@torch.no_grad()
+def reference_logprobs(model, pairs, bk_id, policy, batch_size, device):
+    """(chosen, rejected) completion log-probs of every pair under `model`, frozen."""
+    was_training = model.training
+    model.eval()
+    c, r = [], []
+    for s in range(0, len(pairs), batch_size):
+        part = pairs[s:s + batch_size]
+        lp = completion_logprobs(model, pair_batch(part, bk_id, policy, device))
+        c.append(lp[:len(part)]); r.append(lp[len(part):])
+    model.train(was_training)
+    return torch.cat(c), torch.cat(r)
+
+# -----------------------------------------------------------------------------
+
+
+def load_model(path, cfg, device):
+    """The model at `path` (a checkpoint of this project), its tokenizer and its meta."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        hint = "nothing to resume" if cfg.init_from == "resume" else "train one first (python train_sft.py)"
+        raise SystemExit(f"error: no checkpoint at {path!r}: {hint}")
+    meta = read_json(os.path.join(path, "config.json"))
+    if meta.get("format") != "backtrack-gpt":
+        raise SystemExit(f"error: {path} is not a checkpoint of this project: DPO starts from a model "
+                         "that already knows the backtrack token")
+    tok = get_tokenizer(meta["config"]["tokenizer"])
+    ns = SimpleNamespace(init_from=path, out_dir=cfg.out_dir, tokenizer=meta["config"]["tokenizer"],
+                         bk_init="description", seed=cfg.seed, dropout=0.0)  # no dropout: ref and policy agree at step 0
+    model, meta = build_model(ns, tok, device)
+    return model.to(device), tok, meta
+
+
+def main(argv=None):
+    cfg = configure(Config(), sys.argv[1:] if argv is None else argv)
+    ddp, rank, world, device = setup_ddp(cfg.device)
+    master = rank == 0
+    if master:
+        print(json.dumps(asdict(cfg), indent=1))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    resuming = cfg.init_from == "resume"
+    model, tok, init_meta = load_model(cfg.out_dir if resuming else cfg.init_from, cfg, device)
+    ref_path = init_meta.get("dpo_reference", cfg.init_from) if resuming else cfg.init_from
+    task_name = cfg.task or init_meta.get("task", "arith")
+    task_kwargs = parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else (
+        init_meta.get("task_kwargs", {}) if task_name == init_meta.get("task") else {})
+    task = get_task(task_name, **task_kwargs)
+    policy = cfg.policy or init_meta.get("policy", "rewind")
+    max_new_tokens = cfg.max_new_tokens or init_meta.get("max_new_tokens", 128)
+    pairs = load_pairs(cfg.pairs_file, model.config.block_size)
+    questions = [dict(question=p["question"]) for p in pairs if p["question"] is not None]
+    task.check_train(questions)  # pairs of test problems would leak the held-out set into training
+    phash = pairs_hash(pairs)
+
+    # the frozen reference: computed once, with the initial weights, and kept with the run
+    ref_file = os.path.join(cfg.out_dir, "ref_logprobs.pt")
+    if resuming and os.path.exists(ref_file):
+        ref = torch.load(ref_file)
+        if ref["pairs_hash"] != phash:
+            raise SystemExit(f"error: {cfg.pairs_file} is not the pairs file this run started with")
+    else:
+        ref_model = model if not resuming else load_model(ref_path, cfg, device)[0]
+        ref_c, ref_r = reference_logprobs(ref_model, pairs, tok.bk_id, policy, 2 * cfg.batch_size, device)
+        ref = dict(chosen=ref_c.cpu(), rejected=ref_r.cpu(), pairs_hash=phash, reference=ref_path)
+        del ref_model
+        if master:
+            torch.save(ref, ref_file)  # GPT.save carries it into every later checkpoint folder
+    ref_c, ref_r = ref["chosen"].to(device), ref["rejected"].to(device)
+
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    if resuming:
+        st = load_train_state(cfg.out_dir)
+        optimizer.load_state_dict(st["optimizer"])
+        torch.set_rng_state(st["torch_rng"])
+        start = st["step"]
+        if master:
+            print(f"resuming from {cfg.out_dir} at step {start}")
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model)
+    global_size = cfg.batch_size * cfg.grad_accum * world
+    held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
+    log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
+    meta = dict(task=task_name, task_kwargs=task_kwargs, policy=policy, max_new_tokens=max_new_tokens,
+                stage="dpo", dpo_reference=ref_path)
+    if master:
+        print(f"model: {raw.num_params() / 1e6:.2f}M parameters | reference {ref_path} | {len(pairs)} pairs | "
+              f"loss={cfg.loss_type} beta={cfg.beta} | global batch {global_size} pairs | policy={policy} | world {world}")
+
+    def run_eval(step):
+        from evaluate import evaluate
+        res = {}
+        for label, T in (("greedy", 0.0), ("t1", cfg.eval_temperature)):
+            m, _ = evaluate(raw, tok, task, held_out, policy, T, max_new_tokens=max_new_tokens, seed=cfg.seed)
+            res.update({f"eval/{label}/{k}": v for k, v in m.items() if k != "n"})
+        log(step=step, **res)
+        tqdm.write(f"step {step}: held-out acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "
+                   f"{res['eval/t1/acc']:.3f} | bk/sample T={cfg.eval_temperature} {res['eval/t1/bk_per_sample']:.2f}")
+        return res
+
+    if master and cfg.eval_at_start and start == 0 and cfg.eval_interval > 0:
+        run_eval(0)
+    bar = tqdm(range(start, cfg.max_iters), disable=not (master and cfg.progress), desc="dpo", dynamic_ncols=True)
+    t0, done = time.time(), start
+    per_rank = global_size // world
+    per_micro = per_rank // cfg.grad_accum
+    for step in bar:
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx = pair_indices(step, cfg.seed, len(pairs), global_size)
+        mine = idx[rank * per_rank:(rank + 1) * per_rank]
+        # sums over this rank's pairs: loss, rewards chosen/rejected, correct, logps chosen/rejected
+        stats = torch.zeros(6, dtype=torch.float64)
+        for a in range(cfg.grad_accum):
+            part = mine[a * per_micro:(a + 1) * per_micro]
+            batch = pair_batch([pairs[i] for i in part], tok.bk_id, policy, device)
+            sync = not ddp or a == cfg.grad_accum - 1
+            ctx = model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
+            with ctx:
+                lp = completion_logprobs(model, batch)
+                n = len(part)
+                pi_c, pi_r = lp[:n], lp[n:]
+                sel = torch.tensor(part, device=device)
+                loss_vec, rc, rr = dpo_loss(pi_c, pi_r, ref_c[sel], ref_r[sel], cfg.beta, cfg.loss_type)
+                if cfg.sft_weight > 0:
+                    n_tok = torch.tensor([len(pairs[i]["chosen"]) for i in part], device=device, dtype=lp.dtype)
+                    loss_vec = loss_vec - cfg.sft_weight * pi_c / n_tok
+                # DDP averages gradients over processes: scale by world so the step follows the
+                # mean over the global batch, whatever the split into processes and micro-batches
+                loss = loss_vec.sum() / global_size * world
+                loss.backward()
+            stats += torch.tensor([loss_vec.sum().item(), rc.sum().item(), rr.sum().item(), (rc > rr).sum().item(),
+                                   pi_c.sum().item(), pi_r.sum().item()], dtype=torch.float64)
+        stats = all_reduce_sum(stats.to(device), ddp).cpu() / global_size
+        if not torch.isfinite(stats[0]):
+            raise SystemExit(f"error: loss is {stats[0].item()} at step {step}; stopping. The last good checkpoint "
+                             f"in {cfg.out_dir} is untouched.")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if master and (step % cfg.log_interval == 0 or done == cfg.max_iters):
+            l, rc, rr, acc, lc, lr_ = stats.tolist()
+            log(step=step, loss=l, lr=lr, epoch=step * global_size / len(pairs), **{
+                "rewards/chosen": rc, "rewards/rejected": rr, "rewards/margins": rc - rr, "rewards/accuracies": acc,
+                "logps/chosen": lc, "logps/rejected": lr_}, elapsed_s=time.time() - t0)
+            bar.set_postfix(loss=f"{l:.4f}", margin=f"{rc - rr:.3f}", acc=f"{acc:.2f}")
+        stopping = done == cfg.stop_at
+        if master and (done % cfg.save_interval == 0 or done == cfg.max_iters or stopping):
+            save_checkpoint(model, optimizer, done, cfg, meta)
+        if master and cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
+            run_eval(done)
+        if ddp:
+            import torch.distributed as dist
+            dist.barrier()
+        if stopping:
+            break
+    if ddp:
+        import torch.distributed as dist
+        hashes = [None] * world
+        dist.all_gather_object(hashes, weights_hash(raw))
+        log(step=cfg.max_iters, rank_weight_hashes=hashes)
+        if master and len(set(hashes)) != 1:
+            print(f"warning: ranks hold different weights: {hashes}", file=sys.stderr)
+        dist.destroy_process_group()
+    if master:
+        print(f"done: {done - start} steps in {time.time() - t0:.1f}s; checkpoint in {cfg.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
