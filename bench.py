@@ -1,0 +1,493 @@
+"""
+The project's one benchmark: speed and memory figures of the model, its KV cache and training.
+Targets live here as printed figures, never in timed tests; every ratio is measured in one run
+against a baseline timed in the same process.
+
+1. decode: tokens/s with the KV cache (model.generate) vs a full re-forward of the growing
+   sequence each step (nanoGPT's generate), at the default tiny shape and GPT-2 small.
+2. rewind: cost of KVCache.rewind on one row at cache length 64 and 4096 (should be flat), and of
+   a rewind-decode step (rewind + the next logits), beside a normal one-token decode step.
+3. batch: 16 rows in one cache vs the same 16 rows one by one; batched rollouts of forced traces
+   with backtracks under policy 'rewind' vs 'keep'.
+4. train: tokens/s of forward + backward + AdamW for the causal `keep` layout (mask=None fast path)
+   and the `rewind` tree layout (explicit (B, T, T) mask), MFU against a large matmul measured in
+   this run, and the time data.layout/collate take per batch.
+
+$ python bench.py                                  # CPU fp32, about 3 minutes on 2 idle cores
+$ python bench.py --quick=True                     # smoke run, seconds
+$ python bench.py --device=cuda --dtype=bfloat16 --compile=True --out=bench.json
+"""
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from ast import literal_eval
+from contextlib import nullcontext
+
+import torch
+
+from data import Trace, layout, collate
+from model import GPT, GPTConfig, KVCache, generate, sft_loss
+
+# -----------------------------------------------------------------------------
+# config: module globals, each overridable as --key=value
+device = "cpu"
+dtype = "float32"          # float32 | bfloat16 | float16 (decode runs in it; training autocasts to it)
+compile = False            # torch.compile the model for training (generate's step loop stays eager)
+quick = False              # smoke run: small counts, no GPT-2 small shape
+seed = 1337
+threads = 0                # torch.set_num_threads; 0 keeps torch's default. On a shared machine, 2 OpenMP
+                           # threads stall at every barrier when a core is taken; --threads=1 (or
+                           # OMP_WAIT_POLICY=PASSIVE) keeps the ratios meaningful there
+out = ""                   # also write the figures as JSON here
+# the default tiny model: the shape train_sft.py trains from scratch with the byte tokenizer, with
+# block_size raised from its 128 so that 256 new tokens fit (wpe's size costs no speed)
+n_layer = 4
+n_head = 4
+n_embd = 192
+block_size = 512
+vocab_size = 320
+n_vocab = 258
+eot_id = 256
+bk_id = 257
+gpt2_small = True          # also time GPT-2 small (124M): decode (the no-cache loop takes ~1 min) and batching
+gpt2_batch_tokens = 32     # new tokens per row for GPT-2 small's batched vs sequential figure
+# workloads
+prompt_len = 16
+new_tokens = 256           # decode length for figures 1 and 3
+rewind_lengths = (64, 4096)
+n_rewinds = 20000
+batch_rows = 16
+p_bk = 0.15                # chance of a BK at each response step of the random traces
+train_batch = 32
+train_len = 128            # nodes per row of the `keep` layout (prompt + response incl. BKs)
+train_iters = 4
+reps = 3                   # timings are the best of reps runs: contention on a shared machine only adds time
+matmul_n = 2048
+# -----------------------------------------------------------------------------
+
+
+def configure(argv):
+    """nanoGPT-style overrides: --key=value, the value parsed as a Python literal when it is one."""
+    g = globals()
+    for arg in argv:
+        assert arg.startswith("--") and "=" in arg, f"expected --key=value, got {arg!r}"
+        key, val = arg[2:].split("=", 1)
+        assert key in g and not key.startswith("_") and not callable(g[key]), f"unknown config key {key!r}"
+        try:
+            val = literal_eval(val)
+        except (SyntaxError, ValueError):
+            pass  # a bare string such as cuda or bfloat16
+        if isinstance(g[key], tuple) and isinstance(val, list):
+            val = tuple(val)
+        assert type(val) == type(g[key]) or (isinstance(g[key], float) and isinstance(val, int)), \
+            f"--{key}: expected {type(g[key]).__name__}, got {val!r}"
+        g[key] = val
+
+
+def sync(dev):
+    if str(dev).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def clock(dev):
+    """A timestamp that waits for queued GPU work first, so a CUDA interval is the real one."""
+    sync(dev)
+    return time.perf_counter()
+
+
+def best_of(fn, reps, dev="cpu"):
+    """Shortest wall time of reps calls: the machine may be shared, and contention only ever adds
+    time, so the minimum is the least noisy estimate of what the code itself costs."""
+    best = math.inf
+    for _ in range(max(1, reps)):
+        t0 = clock(dev)
+        fn()
+        best = min(best, clock(dev) - t0)
+    return best
+
+
+def tiny_config(**kw):
+    return GPTConfig(**dict(dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                 vocab_size=vocab_size, n_vocab=n_vocab, eot_id=eot_id, bk_id=bk_id), **kw))
+
+
+def gpt2_config():
+    # GPT-2 small as loaded from Hugging Face: EOT is GPT-2's 50256, BK takes the new id 50257,
+    # and the table is padded to 50304
+    return GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
+                     n_vocab=50258, eot_id=50256, bk_id=50257)
+
+
+def make_model(cfg, dev="cpu", ptdtype=torch.float32):
+    torch.manual_seed(seed)
+    return GPT(cfg).to(device=dev, dtype=ptdtype).eval()
+
+
+def random_prompts(rows, length, n_tok, rng):
+    return [[rng.randrange(n_tok) for _ in range(length)] for _ in range(rows)]
+
+
+def random_response(n, bk, n_tok, p, rng):
+    """Up to n actions: a BK with chance p whenever something can be deleted, else an ordinary
+    token. The trace obeys the `rewind` bans (a token deleted at a slot is not produced there
+    again), as a sampled trace does; a banned action has log-prob -inf, and the loss would be inf
+    or NaN. When every ordinary token is banned at a slot it must backtrack, or at the prompt it
+    ends early, as generate ends such a row."""
+    out, stack, bans = [], [], {}   # bans: stack depth -> tokens deleted while acting at that depth
+    for _ in range(n):
+        banned = bans.get(len(stack), ())
+        if stack and (rng.random() < p or len(banned) >= n_tok):
+            out.append(bk)
+            bans.pop(len(stack), None)
+            bans.setdefault(len(stack) - 1, set()).add(stack.pop())
+        elif len(banned) < n_tok:
+            t = rng.randrange(n_tok)
+            while t in banned:
+                t = rng.randrange(n_tok)
+            out.append(t)
+            stack.append(t)
+        else:
+            break
+    return out
+
+# -----------------------------------------------------------------------------
+# 1. decode with and without the KV cache
+
+
+@torch.no_grad()
+def decode_nocache(model, prompt, max_new_tokens, temperature=1.0, gen=None):
+    """nanoGPT's generate: re-run the whole sequence every step. Only the last position goes
+    through lm_head, as nanoGPT's forward does at inference, so the baseline is not inflated
+    by projecting every position onto a large vocabulary."""
+    cfg = model.config
+    idx = torch.tensor([prompt], device=next(model.parameters()).device)
+    for _ in range(max_new_tokens):
+        logits = model.lm_head(model.hidden(idx)[:, -1])[:, :cfg.n_vocab]  # padding ids are never sampled
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=gen)
+        idx = torch.cat((idx, nxt), dim=1)
+    return idx
+
+
+def bench_decode(model, max_new_tokens, plen=16, reps=3, nocache_reps=1):
+    """Batch-1 decode tokens/s, KV cache (model.generate, policy keep) vs full re-forward."""
+    dev = next(model.parameters()).device
+    rng = random.Random(seed)
+    prompt = random_prompts(1, plen, model.config.eot_id, rng)[0]
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    # warm up both paths: first calls pay for allocator growth and kernel selection
+    generate(model, [prompt], max_new_tokens=8, policy="keep", stop_at_eot=False, seed=seed)
+    decode_nocache(model, prompt, 8, gen=gen)
+    best = best_of(lambda: generate(model, [prompt], max_new_tokens=max_new_tokens, policy="keep",
+                                    stop_at_eot=False, seed=seed), reps, dev)
+    t_nc = best_of(lambda: decode_nocache(model, prompt, max_new_tokens, gen=gen), nocache_reps, dev)
+    return dict(cache_tps=max_new_tokens / best, nocache_tps=max_new_tokens / t_nc,
+                cache_ms_per_tok=1e3 * best / max_new_tokens, nocache_ms_per_tok=1e3 * t_nc / max_new_tokens)
+
+# -----------------------------------------------------------------------------
+# 2. the cost of a rewind
+
+
+@torch.no_grad()
+def bench_rewind(cfg, lengths=(64, 4096), n=20000, dev="cpu", ptdtype=torch.float32, chunk=64):
+    """Per-rewind microseconds of KVCache.rewind on one row at each cache length, and of a
+    rewind-decode step (rewind + the next logits read from the stored hidden state), beside a
+    normal one-token decode step at the same length. The cache contents do not change the cost
+    of any of these, so the cache is filled by setting lengths, not by a prefill."""
+    model = make_model(cfg, dev, ptdtype)
+    cache = KVCache(cfg, 1, max(lengths) + 1, device=dev, dtype=ptdtype)
+    rows = torch.tensor([0], device=dev)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
+    ptrs = (cache.k.data_ptr(), cache.v.data_ptr(), cache.h.data_ptr())
+    res = dict(kv_bytes_per_token=(cache.k[:, 0, 0].numel() * 2 + cache.h[0, 0].numel()) * cache.k.element_size())
+
+    def per_call_us(step, total, L=None, k=chunk):
+        # chunks of k calls (k rewinds down from L, the length put back between chunks, so a
+        # length-64 cache never runs dry and both lengths do identical work); the best chunk
+        # is the figure, for the machine may be shared
+        best = math.inf
+        for _ in range(max(2, total // k)):
+            if L is not None:
+                cache.lengths.fill_(L)
+            t0 = clock(dev)
+            for _ in range(k):
+                step()
+            best = min(best, clock(dev) - t0)
+        return 1e6 * best / k
+
+    def rewind():
+        cache.rewind(rows)
+
+    def rewind_logits():
+        # what generate does after a BK: the slot below acts again from its stored hidden state
+        cache.rewind(rows)
+        return model.lm_head(cache.h[rows, cache.lengths[rows] - 1])
+
+    for L in lengths:
+        per_call_us(rewind, chunk * 4, L)  # warm-up
+        res[f"rewind_us_{L}"] = per_call_us(rewind, n, L)
+        res[f"rewind_step_us_{L}"] = per_call_us(rewind_logits, n // 4, L, min(chunk, L))
+        # for scale, a normal decode step at length L: writes slot L, attends over L + 1 slots
+        cache.lengths.fill_(L)
+        pos = cache.lengths.view(1, 1).clone()
+        decode = lambda: model.lm_head(model.hidden(tok, pos, cache=cache)[:, -1])
+        per_call_us(decode, 3, k=1)
+        res[f"decode_step_us_{L}"] = per_call_us(decode, max(20, n // 200), k=5)
+    res["in_place"] = ptrs == (cache.k.data_ptr(), cache.v.data_ptr(), cache.h.data_ptr())
+    return res
+
+# -----------------------------------------------------------------------------
+# 3. many rows in one cache
+
+
+@torch.no_grad()
+def bench_batched(model, rows=16, max_new_tokens=256, plen=16, p=0.15, reps=2, forced=True):
+    """Sampled decode of `rows` prompts in one cache vs the same prompts one by one (same number
+    of tokens), then batched replays of random traces with BKs under each policy."""
+    dev = next(model.parameters()).device
+    cfg = model.config
+    rng = random.Random(seed)
+    prompts = random_prompts(rows, plen, cfg.eot_id, rng)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=1.0, stop_at_eot=False, seed=seed, policy="keep")
+    generate(model, prompts, **dict(kw, max_new_tokens=8))  # warm-up
+    generate(model, prompts[:1], **dict(kw, max_new_tokens=8))
+    t_batch = best_of(lambda: generate(model, prompts, **kw), reps, dev)
+    t_seq = sum(best_of(lambda: generate(model, [pr], **kw), reps, dev) for pr in prompts)
+    n_tok = rows * max_new_tokens  # stop_at_eot=False: every row makes all its tokens
+    res = dict(batch_tps=n_tok / t_batch, seq_tps=n_tok / t_seq)
+    # the ceiling that generate's bookkeeping cannot beat: one bare cached forward step (hidden +
+    # lm_head) of `rows` rows vs of one row, mid-way through the response
+    steps = {}
+    for B in (1, rows):
+        cache = KVCache(cfg, B, plen + max_new_tokens + 1, device=dev, dtype=next(model.parameters()).dtype)
+        tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        pos = torch.full((B, 1), plen + max_new_tokens // 2, device=dev)
+        step = lambda: model.lm_head(model.hidden(tok, pos, cache=cache)[:, -1])
+        step()
+        steps[B] = best_of(lambda: [step() for _ in range(5)], 3 * reps, dev) / 5
+    res["forward_ceiling"] = rows * steps[1] / steps[rows]
+    if not forced:
+        return res
+    # forced traces: every row backtracks at its own steps, so under `rewind` rows shrink and grow
+    # independently while under `keep` the BKs are written like any token.
+    # max_new_tokens must cover the traces: generate sizes the cache from it, not from force.
+    force = [random_response(max_new_tokens, cfg.bk_id, cfg.eot_id, p, rng) for _ in range(rows)]
+    n_act = sum(len(f) for f in force)
+    for policy in ("keep", "rewind"):
+        outs = generate(model, prompts, max_new_tokens=max_new_tokens, policy=policy, force=force)
+        assert all(o["response"] == f for o, f in zip(outs, force)), "a forced row ended early"
+        t = best_of(lambda: generate(model, prompts, max_new_tokens=max_new_tokens, policy=policy, force=force),
+                    reps, dev)
+        res[f"forced_{policy}_tps"] = n_act / t
+    res["forced_bk_frac"] = sum(f.count(cfg.bk_id) for f in force) / n_act
+    return res
+
+# -----------------------------------------------------------------------------
+# 4. training throughput
+
+
+def matmul_peak(n=2048, dev="cpu", ptdtype=torch.float32, iters=5):
+    """FLOP/s of one large square matmul: the machine's practical peak for MFU."""
+    a = torch.randn(n, n, device=dev, dtype=ptdtype)
+    b = torch.randn(n, n, device=dev, dtype=ptdtype)
+    for _ in range(2):
+        a @ b
+    return 2 * n ** 3 / best_of(lambda: a @ b, iters, dev)
+
+
+def train_traces(batch, length, bk, n_tok, p, rng, plen=16):
+    # a trace whose `keep` layout is exactly `length` nodes (BKs are nodes there; the last action
+    # is not, nothing acts from it); its `rewind` layout drops the BKs and keeps the errors as
+    # side branches
+    return [Trace(prompt=random_prompts(1, plen, n_tok, rng)[0],
+                  response=random_response(length - plen + 1, bk, n_tok, p, rng)) for _ in range(batch)]
+
+
+def flops_per_token(model, T):
+    # nanoGPT's estimate_mfu: 6N for the matmuls (forward + backward) plus the attention scores
+    cfg = model.config
+    return 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+
+def bench_train(model, batch=32, length=128, iters=4, p=0.15, peak=None, ptdtype=torch.float32, use_compile=False):
+    """Forward + backward + AdamW step tokens/s for each policy's layout of the same traces.
+    Tokens are the B x T nodes the forward processes (padding included, as the model pays for it)."""
+    dev = next(model.parameters()).device
+    dt = str(dev).split(":")[0]
+    cfg = model.config
+    rng = random.Random(seed)
+    traces = train_traces(batch, length, cfg.bk_id, cfg.eot_id, p, rng)
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=dt, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(dt, enabled=(ptdtype == torch.float16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    # sft_loss goes through model.forward, so a compiled wrapper is what the loss calls
+    fwd = torch.compile(model) if use_compile else model
+    model.train()
+    res = {}
+    for policy in ("keep", "rewind"):
+        # data prep on its own clock: layout per trace, then collate into tensors
+        lays = [layout(t, cfg.bk_id, policy) for t in traces]
+        t_layout = best_of(lambda: [layout(t, cfg.bk_id, policy) for t in traces], 3)
+        t_collate = best_of(lambda: collate(lays, device=dev), 3, dev)
+        b = collate(lays, device=dev)
+        assert policy == "rewind" or b["mask"] is None, "keep must take the mask=None fast path"
+        B, T = b["ids"].shape
+
+        def step():
+            with ctx:
+                loss = sft_loss(fwd, b)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        for _ in range(2 if use_compile else 1):  # warm-up (and compile)
+            loss = step()
+        assert math.isfinite(loss.item()), f"{policy}: loss is {loss.item()}"
+        t_step = best_of(step, iters, dev)
+        tps = B * T / t_step
+        res[f"{policy}_T"] = T
+        res[f"{policy}_masked"] = b["mask"] is not None
+        res[f"{policy}_real_tps"] = sum(len(L["ids"]) for L in lays) / t_step  # without the padding
+        res[f"{policy}_tps"] = tps
+        res[f"{policy}_step_ms"] = 1e3 * t_step
+        res[f"{policy}_layout_ms"] = 1e3 * t_layout
+        res[f"{policy}_collate_ms"] = 1e3 * t_collate
+        res[f"{policy}_flops"] = flops_per_token(model, T) * tps
+        if peak:
+            res[f"{policy}_mfu"] = res[f"{policy}_flops"] / peak
+    model.eval()
+    return res
+
+# -----------------------------------------------------------------------------
+# the table
+
+
+ROWS = []
+
+
+def record(section, name, value, unit, target=None, met=None):
+    """One figure; printed at once (the run is long) and collected for the final table."""
+    status = "" if met is None else ("met" if met else "MISSED")
+    ROWS.append(dict(section=section, figure=name, value=value, unit=unit, target=target or "", status=status))
+    print(f"  {section:<7} {name:<46} {fmt(value):>11} {unit:<7} {target or '':<9} {status}", flush=True)
+
+
+def fmt(v):
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def print_table():
+    print()
+    print(f"{'section':<7}   {'figure':<46} {'value':>11} {'unit':<7} {'target':<9} status")
+    print("-" * 96)
+    for r in ROWS:
+        print(f"{r['section']:<7}   {r['figure']:<46} {fmt(r['value']):>11} {r['unit']:<7} {r['target']:<9} {r['status']}")
+
+
+def main():
+    configure(sys.argv[1:])
+    global new_tokens, n_rewinds, train_batch, train_iters, gpt2_small, matmul_n, reps
+    if quick:  # seconds: enough to see every figure, too little to trust the decimals
+        new_tokens, n_rewinds, train_batch, train_iters, reps = 64, 2000, 8, 2, 1
+        gpt2_small, matmul_n = False, 1024
+    if threads:
+        torch.set_num_threads(threads)
+    if "cuda" in device:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    print(f"torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}, "
+          f"compile {compile}, quick {quick}, load average {os.getloadavg()[0]:.2f}")
+    t_start = time.perf_counter()
+
+    # 1. decode
+    shapes = [("tiny", tiny_config())] + ([("gpt2-small", gpt2_config())] if gpt2_small else [])
+    for name, cfg in shapes:
+        model = make_model(cfg, device, ptdtype)
+        r = bench_decode(model, new_tokens, prompt_len, reps, nocache_reps=1 if name == "gpt2-small" else reps)
+        record("decode", f"{name}: KV cache, {new_tokens} new tokens, batch 1", r["cache_tps"], "tok/s")
+        record("decode", f"{name}: no cache (full re-forward)", r["nocache_tps"], "tok/s")
+        ratio = r["cache_tps"] / r["nocache_tps"]
+        record("decode", f"{name}: cache / no cache", ratio, "x", ">= 5x", ratio >= 5)
+        del model
+
+    # 2. rewind
+    cfg = tiny_config(pos="rope", block_size=max(rewind_lengths) + 1)
+    r = bench_rewind(cfg, rewind_lengths, n_rewinds, device, ptdtype)
+    lo, hi = min(rewind_lengths), max(rewind_lengths)
+    for L in rewind_lengths:
+        record("rewind", f"KVCache.rewind, one row, length {L}", r[f"rewind_us_{L}"], "us")
+    ratio = r[f"rewind_us_{hi}"] / r[f"rewind_us_{lo}"]
+    record("rewind", f"rewind cost {hi} / {lo}", ratio, "x", "~1 (<1.5)", ratio < 1.5)
+    for L in rewind_lengths:
+        record("rewind", f"rewind + next logits, length {L}", r[f"rewind_step_us_{L}"], "us")
+    ratio = r[f"rewind_step_us_{hi}"] / r[f"rewind_step_us_{lo}"]
+    record("rewind", f"rewind + next logits {hi} / {lo}", ratio, "x", "~1 (<1.5)", ratio < 1.5)
+    for L in rewind_lengths:
+        record("rewind", f"(normal 1-token decode step, length {L})", r[f"decode_step_us_{L}"], "us")
+    record("rewind", "cache storage never moved (in place)", r["in_place"], "", "yes", r["in_place"])
+    record("memory", "KV cache bytes per token (k, v, h)", r["kv_bytes_per_token"], "B")
+
+    # 3. batch
+    model = make_model(tiny_config(), device, ptdtype)
+    r = bench_batched(model, batch_rows, new_tokens, prompt_len, p_bk, reps)
+    record("batch", f"tiny: {batch_rows} rows in one cache, {new_tokens} tokens each", r["batch_tps"], "tok/s")
+    record("batch", f"tiny: {batch_rows} rows one by one", r["seq_tps"], "tok/s")
+    ratio = r["batch_tps"] / r["seq_tps"]
+    record("batch", "tiny: batched / sequential", ratio, "x", ">= 8x", ratio >= 8)
+    record("batch", f"tiny: bare forward step, {batch_rows} rows vs 1 (ceiling)", r["forward_ceiling"], "x")
+    record("batch", f"forced traces, {100 * r['forced_bk_frac']:.0f}% BK, policy keep", r["forced_keep_tps"], "act/s")
+    record("batch", f"forced traces, {100 * r['forced_bk_frac']:.0f}% BK, policy rewind", r["forced_rewind_tps"], "act/s")
+    record("batch", "rewind / keep", r["forced_rewind_tps"] / r["forced_keep_tps"], "x")
+    if gpt2_small and gpt2_batch_tokens:
+        # a model big enough that a batch-1 step is bound by reading the weights, not by compute
+        g = bench_batched(make_model(gpt2_config(), device, ptdtype), batch_rows, gpt2_batch_tokens, prompt_len,
+                          reps=1, forced=False)
+        record("batch", f"gpt2-small: {batch_rows} rows in one cache, {gpt2_batch_tokens} tokens each", g["batch_tps"], "tok/s")
+        record("batch", f"gpt2-small: {batch_rows} rows one by one", g["seq_tps"], "tok/s")
+        ratio = g["batch_tps"] / g["seq_tps"]
+        record("batch", "gpt2-small: batched / sequential", ratio, "x", ">= 8x", ratio >= 8)
+        record("batch", f"gpt2-small: bare forward step, {batch_rows} rows vs 1 (ceiling)", g["forward_ceiling"], "x")
+
+    # 4. train
+    peak = matmul_peak(matmul_n, device, ptdtype)
+    record("train", f"peak: {matmul_n}^3 matmul, {dtype}", peak / 1e9, "GFLOP/s")
+    model = make_model(tiny_config(), device)  # fp32 weights; a lower dtype comes in through autocast
+    r = bench_train(model, train_batch, train_len, train_iters, p_bk, peak, ptdtype, compile)
+    for policy in ("keep", "rewind"):
+        T = r[f"{policy}_T"]
+        tag = "causal, mask=None" if policy == "keep" else "tree, (B,T,T) mask"
+        record("train", f"{policy} ({tag}), {train_batch}x{T}", r[f"{policy}_tps"], "tok/s")
+        if r[f"{policy}_real_tps"] < 0.999 * r[f"{policy}_tps"]:
+            record("train", f"{policy}: without padding", r[f"{policy}_real_tps"], "tok/s")
+        record("train", f"{policy}: MFU", 100 * r[f"{policy}_mfu"], "%")
+        record("train", f"{policy}: model step", r[f"{policy}_step_ms"], "ms")
+        record("train", f"{policy}: data.layout per batch", r[f"{policy}_layout_ms"], "ms")
+        record("train", f"{policy}: data.collate per batch", r[f"{policy}_collate_ms"], "ms")
+        record("train", f"{policy}: data prep / model step",
+               (r[f"{policy}_layout_ms"] + r[f"{policy}_collate_ms"]) / r[f"{policy}_step_ms"], "x")
+
+    if "cuda" in device:
+        record("memory", "peak CUDA memory allocated", torch.cuda.max_memory_allocated() / 2 ** 20, "MiB")
+    record("memory", "peak resident memory of this process", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB")
+    print_table()
+    print(f"\nbench took {time.perf_counter() - t_start:.0f} s; load average {os.getloadavg()[0]:.2f} "
+          f"(above ~0.5 at the start, another process shared the cores and the figures are pessimistic)")
+    if out:
+        cfg_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+        with open(out, "w") as f:
+            json.dump(dict(config={k: globals()[k] for k in cfg_keys}, torch=torch.__version__, figures=ROWS), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

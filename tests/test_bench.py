@@ -1,0 +1,70 @@
+"""Smoke test of bench.py: every figure comes out finite and positive on a tiny model.
+Speed is never asserted here; the targets are printed by bench.py itself."""
+import math
+
+import pytest
+
+import bench
+
+
+def tiny(**kw):
+    return bench.GPTConfig(**dict(dict(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=320), **kw))
+
+
+def check(figures):
+    for k, v in figures.items():
+        if isinstance(v, bool):
+            continue
+        assert math.isfinite(v) and v > 0, f"{k} = {v}"
+
+
+def test_decode():
+    model = bench.make_model(tiny())
+    check(bench.bench_decode(model, 8, plen=4, reps=1))
+
+
+def test_rewind():
+    r = bench.bench_rewind(tiny(pos="rope", block_size=129), lengths=(8, 128), n=64)
+    assert r["in_place"]
+    check(r)
+
+
+def test_batched():
+    model = bench.make_model(tiny())
+    r = bench.bench_batched(model, rows=2, max_new_tokens=10, plen=4, reps=1)
+    assert 0 < r["forced_bk_frac"] < 1
+    check(r)
+
+
+def test_train():
+    model = bench.make_model(tiny())
+    peak = bench.matmul_peak(128, iters=2)
+    r = bench.bench_train(model, batch=2, length=24, iters=1, p=0.5, peak=peak)
+    assert r["keep_T"] == 24 and not r["keep_masked"] and r["rewind_masked"]
+    check(r)
+
+
+def test_random_response_is_a_valid_rewind_trace():
+    # no token deleted at a slot comes back at that slot, or its training log-prob would be -inf
+    import random
+    from data import layout
+    rng = random.Random(0)
+    for _ in range(50):
+        resp = bench.random_response(40, 257, 5, 0.4, rng)  # 5 ordinary ids: collisions are likely
+        L = layout(bench.Trace(prompt=[1], response=resp), 257, "rewind")
+        assert all(t not in bans for t, bans in zip(L["tgt"], L["bans"]))
+
+
+def test_configure():
+    saved = dict(quick=bench.quick, device=bench.device, rewind_lengths=bench.rewind_lengths, p_bk=bench.p_bk)
+    try:
+        bench.configure(["--quick=True", "--device=cpu", "--rewind_lengths=[8, 16]", "--p_bk=0"])
+        assert bench.quick is True and bench.device == "cpu"
+        assert bench.rewind_lengths == (8, 16) and bench.p_bk == 0
+        with pytest.raises(AssertionError):
+            bench.configure(["--no_such_key=1"])
+        with pytest.raises(AssertionError):
+            bench.configure(["--quick=maybe"])
+    finally:
+        for k, v in saved.items():
+            setattr(bench, k, v)
