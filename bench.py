@@ -406,8 +406,9 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    load0 = os.getloadavg()[0]
     print(f"torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}, "
-          f"compile {compile}, quick {quick}, load average {os.getloadavg()[0]:.2f}")
+          f"compile {compile}, quick {quick}, load average {load0:.2f}")
     t_start = time.perf_counter()
 
     # 1. decode
@@ -481,8 +482,9 @@ def main():
         record("memory", "peak CUDA memory allocated", torch.cuda.max_memory_allocated() / 2 ** 20, "MiB")
     record("memory", "peak resident memory of this process", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB")
     print_table()
-    print(f"\nbench took {time.perf_counter() - t_start:.0f} s; load average {os.getloadavg()[0]:.2f} "
-          f"(above ~0.5 at the start, another process shared the cores and the figures are pessimistic)")
+    # the 1-minute load average lags; well above zero at the start means other processes shared the
+    # cores (threads) and every figure here is pessimistic, the ratios included
+    print(f"\nbench took {time.perf_counter() - t_start:.0f} s; load average at the start {load0:.2f}, now {os.getloadavg()[0]:.2f}")
     if out:
         cfg_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
         with open(out, "w") as f:
