@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from data import Trace, collate, get_task, get_tokenizer, layout
 from model import action_logprobs, read_json
-from train_sft import (JsonlLog, all_reduce_sum, build_model, configure, load_train_state, lr_at,
-                       make_optimizer, parse_kwargs, save_checkpoint, setup_ddp, weights_hash)
+from train_sft import (JsonlLog, all_reduce_sum, build_model, configure, end_step, finish, lr_at,
+                       make_optimizer, parse_kwargs, restore, save_checkpoint, setup_ddp, wrap)
 
 
 @dataclass
@@ -251,20 +251,9 @@ def main(argv=None):
     ref_c, ref_r = ref["chosen"].to(device), ref["rejected"].to(device)
 
     optimizer = make_optimizer(model, cfg)
-    start = 0
-    if resuming:
-        st = load_train_state(cfg.out_dir)
-        optimizer.load_state_dict(st["optimizer"])
-        torch.set_rng_state(st["torch_rng"])
-        start = st["step"]
-        if master:
-            print(f"resuming from {cfg.out_dir} at step {start}")
+    start = restore(optimizer, cfg, resuming, master)
     raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model)
+    model = wrap(model, cfg, ddp)
     global_size = cfg.batch_size * cfg.grad_accum * world
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
     log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
@@ -334,26 +323,9 @@ def main(argv=None):
                 "rewards/chosen": rc, "rewards/rejected": rr, "rewards/margins": rc - rr, "rewards/accuracies": acc,
                 "logps/chosen": lc, "logps/rejected": lr_}, elapsed_s=time.time() - t0)
             bar.set_postfix(loss=f"{l:.4f}", margin=f"{rc - rr:.3f}", acc=f"{acc:.2f}")
-        stopping = done == cfg.stop_at
-        if master and (done % cfg.save_interval == 0 or done == cfg.max_iters or stopping):
-            save_checkpoint(model, optimizer, done, cfg, meta)
-        if master and cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
-            run_eval(done)
-        if ddp:
-            import torch.distributed as dist
-            dist.barrier()
-        if stopping:
+        if end_step(done, cfg, master, ddp, lambda: save_checkpoint(model, optimizer, done, cfg, meta), run_eval):
             break
-    if ddp:
-        import torch.distributed as dist
-        hashes = [None] * world
-        dist.all_gather_object(hashes, weights_hash(raw))
-        log(step=cfg.max_iters, rank_weight_hashes=hashes)
-        if master and len(set(hashes)) != 1:
-            print(f"warning: ranks hold different weights: {hashes}", file=sys.stderr)
-        dist.destroy_process_group()
-    if master:
-        print(f"done: {done - start} steps in {time.time() - t0:.1f}s; checkpoint in {cfg.out_dir}")
+    finish(raw, cfg, ddp, world, log, master, done - start, t0)
 
 
 if __name__ == "__main__":

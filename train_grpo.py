@@ -38,8 +38,8 @@ from tqdm import tqdm
 from data import Trace, collate, get_task, get_tokenizer, layout
 from model import GPT, action_logprobs, generate, read_json, unwrap
 from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
-from train_sft import (JsonlLog, all_reduce_sum, build_model, configure, load_train_state, lr_at,
-                       make_optimizer, parse_kwargs, save_checkpoint, setup_ddp, weights_hash)
+from train_sft import (JsonlLog, all_reduce_sum, build_model, configure, end_step, finish, lr_at,
+                       make_optimizer, parse_kwargs, restore, save_checkpoint, setup_ddp, wrap)
 
 
 @dataclass
@@ -235,25 +235,14 @@ def main(argv=None):
     task = get_task(task_name, **task_kwargs)
     policy = cfg.policy or init_meta.get("policy", "rewind")
     optimizer = make_optimizer(model, cfg)
-    start = 0
-    if resuming:
-        st = load_train_state(cfg.out_dir)
-        optimizer.load_state_dict(st["optimizer"])
-        torch.set_rng_state(st["torch_rng"])
-        start = st["step"]
-        if master:
-            print(f"resuming from {cfg.out_dir} at step {start}")
+    start = restore(optimizer, cfg, resuming, master)
     ref = None
     if cfg.beta > 0:  # the frozen initial model, for the KL term
         ref = GPT.from_pretrained(sft_path, device=device)
         for p in ref.parameters():
             p.requires_grad_(False)
     raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model)
+    model = wrap(model, cfg, ddp)
     rc = RewardConfig(cfg.clean_bonus, cfg.correction_bonus, cfg.unnecessary_penalty, cfg.failed_penalty, cfg.cap_penalty)
     weight_schedule = WeightSchedule.from_string(cfg.reward_weights)
     pool = task.problems("train", n=cfg.n_train, seed=cfg.seed)
@@ -396,27 +385,9 @@ def main(argv=None):
             log(**m)
             bar.set_postfix(reward=f"{rs / n:.3f}", acc=f"{acc / n:.3f}", bk=f"{nbk / n:.2f}",
                             tok_s=f"{m['rollout_tokens_per_s']:.0f}")
-        stopping = done == cfg.stop_at
-        if master and (done % cfg.save_interval == 0 or done == cfg.max_iters or stopping):
-            save_checkpoint(model, optimizer, done, cfg, meta)
-        if master and cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
-            run_eval(done)
-        if ddp:
-            import torch.distributed as dist
-            dist.barrier()
-        if stopping:
+        if end_step(done, cfg, master, ddp, lambda: save_checkpoint(model, optimizer, done, cfg, meta), run_eval):
             break
-    if ddp:
-        import torch.distributed as dist
-        hashes = [None] * world
-        dist.all_gather_object(hashes, weights_hash(raw))
-        log(step=cfg.max_iters, rank_weight_hashes=hashes)
-        if master and len(set(hashes)) != 1:
-            print(f"warning: ranks hold different weights: {hashes}", file=sys.stderr)
-        dist.destroy_process_group()
-    if master:
-        print(f"done: {done - start} steps in {time.time() - t0:.1f}s; "
-              f"checkpoint in {cfg.out_dir}")
+    finish(raw, cfg, ddp, world, log, master, done - start, t0)
 
 
 if __name__ == "__main__":

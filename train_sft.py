@@ -227,6 +227,64 @@ def freeze_all_but_bk(model, bk_id):
         keep[bk_id] = 1.0
         W.register_hook(lambda g, keep=keep: g * keep)
 
+
+def restore(optimizer, cfg, resuming, master):
+    """When resuming, load the optimizer and RNG state saved with out_dir's checkpoint.
+    Returns the step to start from."""
+    if not resuming:
+        return 0
+    st = load_train_state(cfg.out_dir)
+    optimizer.load_state_dict(st["optimizer"])
+    torch.set_rng_state(st["torch_rng"])
+    if master:
+        print(f"resuming from {cfg.out_dir} at step {st['step']}")
+    return st["step"]
+
+
+def wrap(model, cfg, ddp):
+    """torch.compile and DDP around the model; the unwrapped model is what gets saved."""
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model)
+    return model
+
+
+def end_step(done, cfg, master, ddp, save, evaluate):
+    """After an optimizer step: save and evaluate on schedule (rank 0), keep ranks together.
+    Returns True when the run stops here (stop_at, as if interrupted)."""
+    stopping = done == cfg.stop_at
+    if master and (done % cfg.save_interval == 0 or done == cfg.max_iters or stopping):
+        save()
+    if master and cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
+        evaluate(done)
+    if ddp:
+        import torch.distributed as dist
+        dist.barrier()
+    return stopping
+
+
+def finish(raw, cfg, ddp, world, log, master, steps, t0):
+    """End a run. Under DDP every rank must hold the same weights: exact hashes are compared and logged."""
+    if ddp:
+        import torch.distributed as dist
+        hashes = [None] * world
+        dist.all_gather_object(hashes, weights_hash(raw))
+        log(step=cfg.max_iters, rank_weight_hashes=hashes)
+        if master and len(set(hashes)) != 1:
+            print(f"warning: ranks hold different weights: {hashes}", file=sys.stderr)
+        dist.destroy_process_group()
+    if master:
+        print(f"done: {steps} steps in {time.time() - t0:.1f}s; checkpoint in {cfg.out_dir}")
+
+
+def weights_hash(model):
+    h = hashlib.sha256()
+    for p in unwrap(model).state_dict().values():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
 # -----------------------------------------------------------------------------
 # model setup
 
@@ -328,20 +386,9 @@ def main(argv=None):
     if cfg.embedding_only:
         freeze_all_but_bk(model, tok.bk_id)
     optimizer = make_optimizer(model, cfg)
-    start = 0
-    if cfg.init_from == "resume":
-        st = load_train_state(cfg.out_dir)
-        optimizer.load_state_dict(st["optimizer"])
-        torch.set_rng_state(st["torch_rng"])
-        start = st["step"]
-        if master:
-            print(f"resuming from {cfg.out_dir} at step {start}")
+    start = restore(optimizer, cfg, cfg.init_from == "resume", master)
     raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model)
+    model = wrap(model, cfg, ddp)
     global_size = cfg.batch_size * cfg.grad_accum * world
     pool = task.problems("train", n=cfg.n_train, seed=cfg.seed)
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
@@ -366,7 +413,7 @@ def main(argv=None):
         return res
 
     bar = tqdm(range(start, cfg.max_iters), disable=not (master and cfg.progress), desc="sft", dynamic_ncols=True)
-    t0, tokens = time.time(), 0
+    t0, tokens, done = time.time(), 0, start
     for step in bar:
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
@@ -400,33 +447,10 @@ def main(argv=None):
             dt = time.time() - t0
             log(step=step, loss=loss_sum.item(), lr=lr, max_backtracks=max_bk, tokens_per_s=tokens * world / max(dt, 1e-9))
             bar.set_postfix(loss=f"{loss_sum.item():.4f}", tok_s=f"{tokens * world / max(dt, 1e-9):.0f}")
-        stopping = done == cfg.stop_at
-        if master and (done % cfg.save_interval == 0 or done == cfg.max_iters or stopping):
-            save_checkpoint(model, optimizer, done, cfg, meta)
-        if master and cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
-            run_eval(done)
-        if ddp:
-            import torch.distributed as dist
-            dist.barrier()
-        if stopping:
+        if end_step(done, cfg, master, ddp, lambda: save_checkpoint(model, optimizer, done, cfg, meta), run_eval):
             break
-    if ddp:  # every rank must hold the same weights: compare exact hashes and log them
-        import torch.distributed as dist
-        hashes = [None] * world
-        dist.all_gather_object(hashes, weights_hash(raw))
-        log(step=cfg.max_iters, rank_weight_hashes=hashes)
-        if master and len(set(hashes)) != 1:
-            print(f"warning: ranks hold different weights: {hashes}", file=sys.stderr)
-        dist.destroy_process_group()
-    if master:
-        print(f"done: {cfg.max_iters - start} steps in {time.time() - t0:.1f}s; checkpoint in {cfg.out_dir}")
+    finish(raw, cfg, ddp, world, log, master, done - start, t0)
 
-
-def weights_hash(model):
-    h = hashlib.sha256()
-    for p in unwrap(model).state_dict().values():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 if __name__ == "__main__":
