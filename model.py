@@ -632,7 +632,16 @@ def sft_loss(model, batch, normalizer=None):
     and DDP give the same loss as one big batch)."""
     lp = action_logprobs(model, batch)
     w = batch["weight"]
-    return -(lp * w).sum() / (w.sum().clamp(min=1.0) if normalizer is None else normalizer)
+    nll = torch.where(w > 0, -lp * w, torch.zeros_like(lp))  # a weight-0 action never adds 0 * inf
+    return nll.sum() / (w.sum().clamp(min=1.0) if normalizer is None else normalizer)
+
+def sample(logprobs, gen):
+    """One draw per row by inverting the CDF with u in (0, 1]: a token of zero probability is
+    never picked (the first index whose CDF reaches u has mass), and it is much cheaper than
+    torch.multinomial at a large vocabulary on CPU."""
+    cdf = logprobs.exp().cumsum(-1)
+    u = (1.0 - torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device)) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 # -----------------------------------------------------------------------------
 # generation with in-place rewinds
@@ -660,6 +669,8 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     gen = torch.Generator(device=device)
     if seed is not None:
         gen.manual_seed(seed)
+    if force is not None:   # replaying: the cache must hold every forced action
+        max_new_tokens = max(len(f) for f in force)
     plen = torch.tensor([len(p) for p in prompts], device=device)
     Tp = int(plen.max())
     max_len = Tp + max_new_tokens + 1
@@ -679,7 +690,6 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     done = torch.zeros(B, dtype=torch.bool, device=device)
     rows = torch.arange(B, device=device)
     if force is not None:
-        max_new_tokens = max(len(f) for f in force)
         done = torch.tensor([len(f) == 0 for f in force], device=device)
     for step in range(max_new_tokens):
         top = cache.lengths - 1
@@ -699,7 +709,7 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         if force is not None:
             nxt = torch.tensor([f[step] if step < len(f) else 0 for f in force], device=device)
         elif temperature and temperature > 0:
-            nxt = torch.multinomial(lp.exp(), 1, generator=gen).squeeze(1)
+            nxt = sample(lp, gen)
         else:
             nxt = lp.argmax(-1)
         nlp = lp[rows, nxt]

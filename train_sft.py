@@ -359,6 +359,10 @@ def micro_batches(traces, cfg, tok, rank, world, max_bk, device):
         lays = [layout(t, tok.bk_id, cfg.policy, mask_errors=cfg.mask_errors)
                 for t in mine[a * per_micro:(a + 1) * per_micro]]
         for L in lays:
+            for t, w, b in zip(L["tgt"], L["weight"], L["bans"]):
+                if w > 0 and t in b:   # log-prob -inf: the loss would be inf
+                    raise SystemExit(f"error: a training trace takes action {t}, which the `{cfg.policy}` policy bans "
+                                     "at that point (e.g. rewriting a token just deleted at the same slot); fix the data")
             if len(L["ids"]) > cfg.block_size:
                 raise SystemExit(f"error: a trace of {len(L['ids'])} tokens exceeds block_size={cfg.block_size}; "
                                  "raise --block_size or shorten the task")

@@ -227,3 +227,34 @@ def test_bk_embedding_init(method):
     m2 = tiny("llama", vocab_size=320, n_vocab=258, eot_id=256, bk_id=257)
     init_bk_embedding(m2, tok, method=method)
     assert m2.lm_head.weight[257].abs().sum() > 0   # untied: the output row is set too
+
+
+def test_sampler_never_picks_zero_probability_tokens():
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(64, 50), -1)
+    lp[:, ::2] = float("-inf")
+    lp = torch.log_softmax(lp, -1)
+    from model import sample
+    draws = torch.stack([sample(lp, g) for _ in range(200)])
+    assert (draws % 2 == 1).all()
+    # frequencies follow the distribution (one row, many draws)
+    row = lp[:1].expand(20000, -1)
+    freq = torch.bincount(sample(row, g), minlength=50).float() / 20000
+    assert (freq - lp[0].exp()).abs().max() < 0.02
+
+
+def test_force_replays_more_actions_than_max_new_tokens():
+    m = tiny(block_size=256)
+    forced = [[1 + (i % 40) for i in range(150)]]
+    out = generate(m, [[1, 2]], policy="keep", force=forced, max_new_tokens=16)
+    assert out[0]["response"] == forced[0]
+
+
+def test_masked_banned_action_does_not_poison_the_loss():
+    from model import sft_loss
+    m = tiny()
+    t = Trace([1, 2], [7, BK, 7, 8])     # under rewind, 7 is banned at the slot where it was deleted
+    L = layout(t, BK, "rewind")
+    assert 7 in L["bans"][2]
+    L["weight"][2] = 0.0
+    assert torch.isfinite(sft_loss(m, collate([L])))
