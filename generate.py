@@ -40,13 +40,26 @@ def parse_args(argv=None):
 
 
 class Printer:
-    """Renders one sample's actions as they arrive. TTY: a deleted token is redrawn struck through
-    (when it sits on the current line); plain: deletions are marked [-x-]."""
+    """Renders one sample's actions as they arrive.
+
+    TTY: the current line is redrawn from its segments, so a deleted token stays where it was,
+    struck through in red. A deletion that reaches a line already finished (a deleted newline,
+    or text above it) is shown inline as a struck-through marker instead. Plain output (a pipe, a
+    file): deletions are marked [-x-], a deleted newline as [-⏎-], and nothing is redrawn.
+    """
     STRIKE, RESET = "\x1b[9;31m", "\x1b[0m"
 
     def __init__(self, tok, out, tty):
         self.tok, self.out, self.tty = tok, out, tty
-        self.shown = []   # text of the surviving tokens as printed, for erasing on TTY
+        self.line = []     # current line's segments: [text, struck]
+        self.stack = []    # surviving tokens: index into self.line, or None if on an earlier line
+        self.last_was_run = False
+
+    def _show(self, text):
+        return text.replace("\n", "⏎")
+
+    def _redraw(self):
+        self.out.write("\r\x1b[K" + "".join(self.STRIKE + t + self.RESET if s else t for t, s in self.line))
 
     def step(self, token, popped):
         tok = self.tok
@@ -54,16 +67,30 @@ class Printer:
             if popped is None:
                 return
             text = tok.decode([popped])
-            if self.tty and "\n" not in text and self.shown and self.shown[-1] == text:
-                self.out.write("\b" * len(text) + self.STRIKE + text + self.RESET)
-            else:
-                self.out.write(f"[-{text}-]")
-            if self.shown:
-                self.shown.pop()
+            where = self.stack.pop() if self.stack else None
+            if not self.tty:
+                self.out.write(f"[-{self._show(text)}-]")
+            elif where is not None:
+                self.line[where][1] = True
+                self._redraw()
+            else:   # deleted text from a finished line: grows at the front, so it reads in order
+                if self.line and self.line[-1][1] == "run" and self.last_was_run:
+                    self.line[-1][0] = self._show(text) + self.line[-1][0]
+                else:
+                    self.line.append([self._show(text), "run"])
+                self._redraw()
+            self.last_was_run = where is None
         elif token != tok.eot_id:
+            self.last_was_run = False
             text = tok.decode([token])
-            self.shown.append(text)
             self.out.write(text)
+            if "\n" in text:   # a finished line is never redrawn
+                self.stack = [None] * len(self.stack)
+                self.line = [[text.rsplit("\n", 1)[1], False]] if text.rsplit("\n", 1)[1] else []
+                self.stack.append(None)
+            else:
+                self.line.append([text, False])
+                self.stack.append(len(self.line) - 1)
         self.out.flush()
 
 
