@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT
 import train_sft
-from model import GPT
+from model import GPT, GPTConfig
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=128", "--n_train=200", "--eval_n=4",
         "--max_new_tokens=8", "--log_interval=1", "--progress=False", "--warmup_iters=2", "--lr=3e-3"]
@@ -108,3 +108,21 @@ def test_generate_cli_uses_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "generate.py", f"--ckpt={tmp_path / 'missing'}", "--prompt=1"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "no checkpoint" in r.stderr
+
+
+def test_sft_from_a_hugging_face_gpt2_folder(tmp_path):
+    """A GPT-2 folder as Hugging Face writes it (50257 rows, no backtrack token) trains with the
+    gpt2 tokenizer: BK takes id 50257 in the padded table and is initialised, not left at zero."""
+    torch.manual_seed(0)
+    hf = str(tmp_path / "hf_gpt2")
+    GPT(GPTConfig(vocab_size=50257, n_vocab=50257, block_size=512, n_layer=1, n_head=2, n_embd=32,
+                  eot_id=50256, bk_id=50256)).export_hf(hf)
+    cfg = json.load(open(os.path.join(hf, "config.json")))
+    cfg.pop("backtrack_token_id")
+    json.dump(cfg, open(os.path.join(hf, "config.json"), "w"))
+    out = str(tmp_path / "sft")
+    train_sft.main([f"--init_from={hf}", "--tokenizer=gpt2", "--task=gsm8k", "--block_size=512", "--batch_size=2",
+                    "--max_iters=2", "--eval_interval=0", f"--out_dir={out}", "--progress=False", "--n_train=20"])
+    m = GPT.from_pretrained(out)
+    assert (m.config.vocab_size, m.config.bk_id, m.config.eot_id, m.config.tokenizer) == (50304, 50257, 50256, "gpt2")
+    assert m.transformer.wte.weight[50257].abs().sum() > 0
