@@ -13,6 +13,12 @@ evaluated on the same held-out problems, greedy and at T=1.0. Variants:
     keep_unmasked  backtrack traces, errors visible, loss on error tokens too
     rewind         backtrack traces, error-hiding layout (`rewind`), no loss on error tokens
     <v>+grpo       the SFT model of <v>, then GRPO (--grpo_iters steps)
+    <v>+self       the SFT model of <v>, then a second SFT round (--stage_iters steps) with half of
+                   each batch drawn from its own errors (self_errors.py)
+    <v>+dpo        the SFT model of <v>, then token-level DPO (--stage_iters steps) on pairs from
+                   its own errors
+The second stages add training on top of the base run; compare them with each other and with
+their base, not with the base variants at equal tokens.
 
 It writes out/ablation/results.json (every run), table.md (mean +- std over seeds) and
 curves.svg (held-out greedy accuracy during SFT, mean over seeds).
@@ -45,6 +51,8 @@ class Config:
     eval_n: int = 300
     eval_points: int = 4             # held-out evaluations during each SFT run (the curves)
     grpo_iters: int = 100
+    stage_iters: int = 300           # steps of the +self and +dpo stages
+    self_n: int = 300                # train problems sampled (x4) for the model's own errors
     sft_args: str = ""               # extra --key=value args for every SFT run, space separated
     grpo_args: str = ""
 
@@ -63,10 +71,45 @@ def tokens_per_step(args):
     return sum(n) / len(n)
 
 
-def final_eval(path, n):
+def final_eval(path):
     rows = [json.loads(l) for l in open(os.path.join(path, "metrics.jsonl"))]
     evals = [r for r in rows if "eval/greedy/acc" in r]
     return evals[-1], [(r["step"], r["eval/greedy/acc"]) for r in evals]
+
+
+def run_grpo(cfg, run, out, seed, args):
+    import train_grpo
+    train_grpo.main([f"--init_from={run}", f"--out_dir={out}", f"--seed={seed}", f"--max_iters={cfg.grpo_iters}",
+                     f"--eval_interval={cfg.grpo_iters}", f"--eval_n={cfg.eval_n}", "--progress=False",
+                     *cfg.grpo_args.split()])
+
+
+def own_errors(cfg, run, seed):
+    """The model's own errors as traces and DPO pairs, made once per base run."""
+    traces, pairs = os.path.join(run, "self_traces.jsonl"), os.path.join(run, "self_pairs.jsonl")
+    if not os.path.exists(traces):
+        import self_errors
+        self_errors.main([f"--ckpt={run}", f"--n={cfg.self_n}", f"--out={traces}", f"--pairs_out={pairs}", f"--seed={seed}"])
+    return traces, pairs
+
+
+def run_self(cfg, run, out, seed, args):
+    traces, _ = own_errors(cfg, run, seed)
+    train_sft.main(args + [f"--init_from={run}", f"--out_dir={out}", f"--seed={seed}", f"--traces_file={traces}",
+                           "--traces_ratio=0.5", f"--max_iters={cfg.stage_iters}", f"--eval_interval={cfg.stage_iters}",
+                           f"--save_interval={cfg.stage_iters}", f"--eval_n={cfg.eval_n}", "--progress=False",
+                           "--lr=3e-4", "--min_lr=3e-5", "--warmup_iters=10"])
+
+
+def run_dpo(cfg, run, out, seed, args):
+    import train_dpo
+    _, pairs = own_errors(cfg, run, seed)
+    train_dpo.main([f"--init_from={run}", f"--out_dir={out}", f"--seed={seed}", f"--pairs_file={pairs}",
+                    f"--max_iters={cfg.stage_iters}", f"--eval_interval={cfg.stage_iters}", f"--eval_n={cfg.eval_n}",
+                    "--eval_at_start=False", "--progress=False"])
+
+
+STAGES = {"": None, "grpo": run_grpo, "self": run_self, "dpo": run_dpo}
 
 
 def write_svg(curves, path, w=640, h=400, pad=50):
@@ -98,13 +141,15 @@ def main(argv=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
     for v in variants:
-        if v.removesuffix("+grpo") not in VARIANTS:
-            raise SystemExit(f"error: unknown variant {v!r}; known: {', '.join(VARIANTS)} (each also with +grpo)")
+        base, _, stage = v.partition("+")
+        if base not in VARIANTS or stage not in STAGES:
+            raise SystemExit(f"error: unknown variant {v!r}; known: {', '.join(VARIANTS)}, each also with "
+                             f"{', '.join('+' + s for s in STAGES if s)}")
     results_path = os.path.join(cfg.out_dir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     extra = cfg.sft_args.split()
     t_start = time.time()
-    for base in dict.fromkeys(v.removesuffix("+grpo") for v in variants):
+    for base in dict.fromkeys(v.partition("+")[0] for v in variants):
         args = [f"--task={cfg.task}", *VARIANTS[base], *extra]
         iters = max(1, round(cfg.tokens / tokens_per_step(args)))
         for seed in range(cfg.seeds):
@@ -115,18 +160,17 @@ def main(argv=None):
                 train_sft.main(args + [f"--out_dir={run}", f"--seed={seed}", f"--max_iters={iters}",
                                        f"--eval_interval={every}", f"--save_interval={iters}",
                                        f"--eval_n={cfg.eval_n}", "--progress=False"])
-                last, curve = final_eval(run, cfg.eval_n)
+                last, curve = final_eval(run)
                 results[name] = dict(variant=base, seed=seed, iters=iters, curve=[(s / iters, a) for s, a in curve], **last)
                 json.dump(results, open(results_path, "w"), indent=1)
-            if f"{base}+grpo" in variants and f"{base}+grpo/seed{seed}" not in results:
-                import train_grpo
-                gout = run + "-grpo"
-                train_grpo.main([f"--init_from={run}", f"--out_dir={gout}", f"--seed={seed}",
-                                 f"--max_iters={cfg.grpo_iters}", f"--eval_interval={cfg.grpo_iters}",
-                                 f"--eval_n={cfg.eval_n}", "--progress=False", *cfg.grpo_args.split()])
-                last, _ = final_eval(gout, cfg.eval_n)
-                results[f"{base}+grpo/seed{seed}"] = dict(variant=f"{base}+grpo", seed=seed, **last)
-                json.dump(results, open(results_path, "w"), indent=1)
+            for stage in STAGES:
+                v = f"{base}+{stage}"
+                if stage and v in variants and f"{v}/seed{seed}" not in results:
+                    out = run + "-" + stage
+                    STAGES[stage](cfg, run, out, seed, args)
+                    last, _ = final_eval(out)
+                    results[f"{v}/seed{seed}"] = dict(variant=v, seed=seed, **last)
+                    json.dump(results, open(results_path, "w"), indent=1)
     # the table: mean +- std over seeds
     cols = [("greedy acc", "eval/greedy/acc"), ("T=1 acc", "eval/t1/acc"), ("bk/sample (T=1)", "eval/t1/bk_per_sample"),
             ("backtracked (T=1)", "eval/t1/share_backtracked"), ("precision (T=1)", "eval/t1/precision")]

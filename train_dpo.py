@@ -120,6 +120,18 @@ def pair_batch(pairs, bk_id, policy, device="cpu"):
     return completion_batch(traces, starts, bk_id, policy, device=device)
 
 
+def check_pairs(pairs, path, bk_id, policy):
+    """A completion action the policy bans (e.g. under `rewind`, rewriting the token just deleted
+    at that slot) has log-prob -inf: the pair could never be sampled and its loss is not finite."""
+    for i, p in enumerate(pairs, 1):
+        for k in ("chosen", "rejected"):
+            L = layout(Trace(p["prompt"], p["prefix"] + p[k]), bk_id, policy, mask_errors=False)
+            for a in range(len(p["prefix"]), len(L["tgt"])):
+                if L["tgt"][a] in L["bans"][a]:
+                    raise SystemExit(f"error: {path}: pair {i}: its {k} completion takes token {L['tgt'][a]}, which the "
+                                     f"`{policy}` policy bans at that point; the pair cannot be scored")
+
+
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid"):
     """Per-pair loss and implicit rewards. All inputs (N,) summed completion log-probs."""
     rc, rr = pi_c - ref_c, pi_r - ref_r
@@ -231,6 +243,7 @@ def main(argv=None):
     policy = cfg.policy or init_meta.get("policy", "rewind")
     max_new_tokens = cfg.max_new_tokens or init_meta.get("max_new_tokens", 128)
     pairs = load_pairs(cfg.pairs_file, model.config.block_size)
+    check_pairs(pairs, cfg.pairs_file, model.config.bk_id, policy)
     questions = [dict(question=p["question"]) for p in pairs if p["question"] is not None]
     task.check_train(questions)  # pairs of test problems would leak the held-out set into training
     phash = pairs_hash(pairs)

@@ -20,3 +20,38 @@ def test_ablation_smoke(tmp_path):
     table = open(os.path.join(out, "table.md")).read()
     assert table.count("\n") == 5 and "| rewind+grpo | 2 |" in table
     xml.dom.minidom.parse(os.path.join(out, "curves.svg"))  # well-formed
+
+
+def test_self_and_dpo_stages(tmp_path, monkeypatch):
+    """The +self and +dpo stages run on the base model's own-error files (hand-built here: an
+    untrained model makes no usable errors) and land in the table."""
+    import random
+    from data import Tokenizer, build_traces, get_task
+    tok, task = Tokenizer("byte"), get_task("arith")
+    probs = task.problems("train", n=8)
+    traces = build_traces(tok, task, probs, random.Random(0), backtrack_ratio=1.0, max_backtracks=2)
+    files = {}
+
+    def fake_own_errors(cfg, run, seed):
+        t, p = os.path.join(run, "self_traces.jsonl"), os.path.join(run, "self_pairs.jsonl")
+        with open(t, "w") as f:
+            for tr in traces:
+                f.write(json.dumps(dict(prompt=tr.prompt, response=tr.response)) + "\n")
+        with open(p, "w") as f:
+            for pr in probs:
+                sol = tok.encode(pr["solution"])
+                wrong = tok.encode("7" if pr["solution"][1] != "7" else "8")   # a slip at the second token
+                f.write(json.dumps(dict(prompt=tok.encode(task.prompt(pr)), prefix=sol[:1] + wrong,
+                                        chosen=[tok.bk_id] + sol[1:] + [tok.eot_id], rejected=sol[2:] + [tok.eot_id])) + "\n")
+        files[run] = (t, p)
+        return t, p
+
+    monkeypatch.setattr(ablate, "own_errors", fake_own_errors)
+    out = str(tmp_path / "abl")
+    sft = "--n_layer=1 --n_head=2 --n_embd=32 --n_train=200 --max_new_tokens=8 --batch_size=8 --warmup_iters=1"
+    ablate.main([f"--out_dir={out}", "--variants=rewind,rewind+self,rewind+dpo", "--seeds=1", "--tokens=500",
+                 "--eval_n=2", "--eval_points=1", "--stage_iters=1", f"--sft_args={sft}"])
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert set(res) == {"rewind/seed0", "rewind+self/seed0", "rewind+dpo/seed0"}
+    assert len(files) == 1                        # one set of own-error files per base run, shared
+    assert "| rewind+dpo | 1 |" in open(os.path.join(out, "table.md")).read()

@@ -312,3 +312,11 @@ def test_sft_round_two_reads_the_traces(tiny_run, tmp_path):
     train_sft.main(TINY + [f"--init_from={tiny_run['sft']}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=0",
                            f"--traces_file={tiny_run['dir']}/self_traces.jsonl", "--traces_ratio=0.5"])
     assert GPT.from_pretrained(out).meta["step"] == 2
+
+
+def test_pairs_with_a_banned_completion_action_are_refused(tmp_path):
+    import train_dpo
+    pairs = [dict(prompt=[1, 2], prefix=[5], chosen=[BK, 5, 6], rejected=[7])]
+    with pytest.raises(SystemExit, match="pair 1: its chosen completion takes token 5"):
+        train_dpo.check_pairs(pairs, "p.jsonl", BK, "rewind")
+    train_dpo.check_pairs(pairs, "p.jsonl", BK, "keep")   # under keep, rewriting it is allowed
