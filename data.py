@@ -618,7 +618,31 @@ def _apply(op, a, b):
     raise ValueError(f"unknown operator {op!r}")
 
 
-class Arith(Task):
+class SyntheticTask(Task):
+    """A task whose problems are drawn by self._make(rng). Splits: a question is 'test' iff a
+    stable hash of it falls in the test bucket (1 in 10), so train and test are disjoint whatever
+    the seeds; the test set holds distinct questions, while training may repeat one."""
+
+    def problems(self, split, n=None, seed=0):
+        assert split in ("train", "test"), f"unknown split {split!r}"
+        n = self.n_default[split] if n is None else n
+        rng = random.Random(f"{self.name}:{split}:{seed}")
+        out, seen = [], set()
+        for _ in range(100 * n + 1000):
+            if len(out) == n:
+                break
+            p = self._make(rng)
+            if self.is_test(p) != (split == "test") or (split == "test" and p["question"] in seen):
+                continue
+            seen.add(p["question"])
+            out.append(p)
+        return out
+
+    def is_test(self, p):
+        return _bucket(p["question"]) == 0
+
+
+class Arith(SyntheticTask):
     """Multi-step arithmetic on a running total, for tiny models trained from scratch.
 
     question '3+5-2+7', response '3+5=8\\n8-2=6\\n6+7=13\\n#### 13'. Every step reads the previous
@@ -672,27 +696,6 @@ class Arith(Task):
         lines.append(f"#### {total}")
         return dict(question=q, answer=str(total), solution="\n".join(lines), nums=nums, ops=ops)
 
-    def problems(self, split, n=None, seed=0):
-        assert split in ("train", "test"), f"unknown split {split!r}"
-        n = self.n_default[split] if n is None else n
-        rng = random.Random(f"{self.name}:{split}:{seed}")
-        out, seen = [], set()
-        for _ in range(100 * n + 1000):
-            if len(out) == n:
-                break
-            p = self._make(rng)
-            if self.is_test(p) != (split == "test"):
-                continue
-            if split == "test":  # a test set of distinct questions; training may repeat
-                if p["question"] in seen:
-                    continue
-                seen.add(p["question"])
-            out.append(p)
-        return out
-
-    def is_test(self, p):
-        return _bucket(p["question"]) == 0
-
     _STEP = re.compile(r"(-?\d+)([-+*])(\d+)=(-?\d+)")
 
     def steps(self, text, p):
@@ -734,7 +737,7 @@ def _value(s):
     return Fraction(s)  # '7/2', '-3', '2.5' are all exact
 
 
-class Countdown(Task):
+class Countdown(SyntheticTask):
     """Reach a target from n_numbers numbers with + - * /, each number used at most once.
 
     question 'make 29 from 3 7 8', response '3*8=24\\n24+7=31\\n...#### 29'. Arithmetic is exact
@@ -770,24 +773,6 @@ class Countdown(Task):
             if ok and 1 <= t <= self.max_target and t not in nums:
                 q = f"make {t} from " + " ".join(map(str, nums))
                 return dict(question=q, answer=str(t), solution="\n".join(lines + [f"#### {t}"]), nums=nums, target=t)
-
-    def problems(self, split, n=None, seed=0):
-        assert split in ("train", "test"), f"unknown split {split!r}"
-        n = self.n_default[split] if n is None else n
-        rng = random.Random(f"{self.name}:{split}:{seed}")
-        out, seen = [], set()
-        for _ in range(100 * n + 1000):
-            if len(out) == n:
-                break
-            p = self._make(rng)
-            if self.is_test(p) != (split == "test") or (split == "test" and p["question"] in seen):
-                continue
-            seen.add(p["question"])
-            out.append(p)
-        return out
-
-    def is_test(self, p):
-        return _bucket(p["question"]) == 0
 
     def _walk(self, text, p):
         """(per-step validity, value of the last step, well_formed). A response is well formed when
