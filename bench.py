@@ -203,7 +203,7 @@ def bench_rewind(cfg, lengths=(64, 4096), n=20000, dev="cpu", ptdtype=torch.floa
     rows = torch.tensor([0], device=dev)
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
     ptrs = (cache.k.data_ptr(), cache.v.data_ptr(), cache.h.data_ptr())
-    res = dict(kv_bytes_per_token=(cache.k[:, 0, 0].numel() * 2 + cache.h[0, 0].numel()) * cache.k.element_size())
+    res = dict(kv_bytes_per_token=(cache.k[:, 0, :, 0].numel() * 2 + cache.h[0, 0].numel()) * cache.k.element_size())
 
     def per_call_us(step, total, L=None, k=chunk):
         # chunks of k calls (k rewinds down from L, the length put back between chunks, so a

@@ -187,7 +187,9 @@ class KVCache:
     """
 
     def __init__(self, cfg, batch_size, max_len, device="cpu", dtype=torch.float32):
-        shape = (cfg.n_layer, batch_size, max_len, cfg.n_kv_head, cfg.head_dim)
+        # (layer, row, head, slot, dim): a layer's span of slots reads out already in the
+        # (B, K, S, D) layout attention wants, with no transpose copy (faster at long lengths)
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.h = torch.zeros(batch_size, max_len, cfg.n_embd, device=device, dtype=dtype)
@@ -209,10 +211,11 @@ class KVCache:
         # k, v: (B, K, T, D) -> slots pos; return the whole span (B, K, span, D)
         B = k.shape[0]
         rows = torch.arange(B, device=k.device).unsqueeze(1)
-        self.k[layer][rows, self.pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][rows, self.pos] = v.transpose(1, 2).to(self.v.dtype)
-        return (self.k[layer, :, :self.span].transpose(1, 2).to(k.dtype),
-                self.v[layer, :, :self.span].transpose(1, 2).to(v.dtype))
+        # advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, K, D)
+        self.k[layer][rows, :, self.pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][rows, :, self.pos] = v.transpose(1, 2).to(self.v.dtype)
+        return (self.k[layer, :, :, :self.span].to(k.dtype),
+                self.v[layer, :, :, :self.span].to(v.dtype))
 
     def rewind(self, rows, n=1):
         """Drop the last n tokens of the given rows (bool mask or index tensor). In place."""
