@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import train_sft
 from train_sft import configure
@@ -174,7 +174,7 @@ def main(argv=None):
     # the table: mean +- std over seeds
     cols = [("greedy acc", "eval/greedy/acc"), ("T=1 acc", "eval/t1/acc"), ("bk/sample (T=1)", "eval/t1/bk_per_sample"),
             ("backtracked (T=1)", "eval/t1/share_backtracked"), ("precision (T=1)", "eval/t1/precision")]
-    lines = [f"| variant | seeds | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    lines = ["| variant | seeds | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     curves = {}
     for v in variants:
         runs = [r for r in results.values() if r["variant"] == v]

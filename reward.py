@@ -41,7 +41,7 @@ no-op `8 BK 8` as a correction (`88` is wrong), which would pay the bonus for po
 import math
 from dataclasses import dataclass, field
 
-from data import Curriculum, EOT_TEXT, parse_answer, resolve
+from data import Curriculum, parse_answer, resolve
 
 COMPONENTS = ("outcome", "process", "backtrack", "format")
 

@@ -29,9 +29,8 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -40,8 +39,8 @@ from tqdm import tqdm
 
 from data import Trace, collate, get_task, get_tokenizer, layout
 from model import action_logprobs, read_json
-from train_sft import (JsonlLog, all_reduce_sum, build_model, configure, end_step, finish, lr_at,
-                       make_optimizer, parse_kwargs, restore, save_checkpoint, setup_ddp, wrap)
+from train_sft import (JsonlLog, all_reduce_sum, build_model, end_step, finish, lr_at,
+                       make_optimizer, parse_kwargs, restore, save_checkpoint, start_run, wrap)
 
 
 @dataclass
@@ -226,13 +225,8 @@ def load_model(path, cfg, device):
 
 
 def main(argv=None):
-    cfg = configure(Config(), sys.argv[1:] if argv is None else argv)
-    ddp, rank, world, device = setup_ddp(cfg.device)
+    cfg, ddp, rank, world, device = start_run(Config(), argv)
     master = rank == 0
-    if master:
-        print(json.dumps(asdict(cfg), indent=1))
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     resuming = cfg.init_from == "resume"
     model, tok, init_meta = load_model(cfg.out_dir if resuming else cfg.init_from, cfg, device)
     ref_path = init_meta.get("dpo_reference", cfg.init_from) if resuming else cfg.init_from

@@ -23,13 +23,11 @@ Token loss: -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * KL_k3, 
 r = pi / pi_old; r == 1 unless a batch is reused for several passes (num_iterations > 1).
 """
 import contextlib
-import json
 import math
 import os
 import random
-import sys
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -38,8 +36,8 @@ from tqdm import tqdm
 from data import Trace, collate, get_task, get_tokenizer, layout
 from model import GPT, action_logprobs, generate, read_json, unwrap
 from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
-from train_sft import (JsonlLog, all_reduce_sum, build_model, configure, end_step, finish, lr_at,
-                       make_optimizer, parse_kwargs, restore, save_checkpoint, setup_ddp, wrap)
+from train_sft import (JsonlLog, all_reduce_sum, build_model, end_step, finish, lr_at,
+                       make_optimizer, parse_kwargs, restore, save_checkpoint, start_run, wrap)
 
 
 @dataclass
@@ -215,17 +213,12 @@ def load_init(cfg, device):
 
 
 def main(argv=None):
-    cfg = configure(Config(), sys.argv[1:] if argv is None else argv)
-    ddp, rank, world, device = setup_ddp(cfg.device)
+    cfg, ddp, rank, world, device = start_run(Config(), argv)
     master = rank == 0
     if cfg.prompts_per_step % world or cfg.prompts_per_step < world:
         raise SystemExit(f"error: prompts_per_step={cfg.prompts_per_step} must divide among {world} processes")
     if cfg.group_size < 2:
         raise SystemExit("error: group_size must be at least 2: advantages are relative to the group")
-    if master:
-        print(json.dumps(asdict(cfg), indent=1))
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     model, tok, init_meta = load_init(cfg, device)
     resuming = cfg.init_from == "resume"
     sft_path = init_meta.get("sft_checkpoint", cfg.init_from) if resuming else cfg.init_from

@@ -160,6 +160,18 @@ def setup_ddp(device):
     return True, rank, world, device
 
 
+def start_run(cfg, argv):
+    """Parse the config, join the process group, print the config and make out_dir (rank 0), seed.
+    Returns (cfg, ddp, rank, world_size, device)."""
+    cfg = configure(cfg, sys.argv[1:] if argv is None else argv)
+    ddp, rank, world, device = setup_ddp(cfg.device)
+    if rank == 0:
+        print(json.dumps(asdict(cfg), indent=1))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    return cfg, ddp, rank, world, device
+
+
 def all_reduce_sum(x, ddp):
     if ddp:
         import torch.distributed as dist
@@ -375,13 +387,8 @@ def micro_batches(traces, cfg, tok, rank, world, max_bk, device):
 
 
 def main(argv=None):
-    cfg = configure(Config(), sys.argv[1:] if argv is None else argv)
-    ddp, rank, world, device = setup_ddp(cfg.device)
+    cfg, ddp, rank, world, device = start_run(Config(), argv)
     master = rank == 0
-    if master:
-        print(json.dumps(asdict(cfg), indent=1))
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     tok = get_tokenizer(cfg.tokenizer)
     task_kwargs = parse_kwargs(cfg.task_kwargs)
     task = get_task(cfg.task, **task_kwargs)
