@@ -1037,6 +1037,15 @@ def get_task(name="arith", **kw):
         raise ValueError(f"unknown task {name!r}: expected one of {sorted(TASKS)}")
     return TASKS[name](**kw)
 
+
+def checkpoint_task(meta, name="", kwargs=None):
+    """The task a later stage works on: `name`/`kwargs` when given, else the one the checkpoint
+    was trained on (its settings kept only when the task is the same). Returns (name, kwargs, task)."""
+    name = name or meta.get("task", "arith")
+    if kwargs is None:
+        kwargs = meta.get("task_kwargs", {}) if name == meta.get("task") else {}
+    return name, kwargs, get_task(name, **kwargs)
+
 # -----------------------------------------------------------------------------
 # augmentations: clean responses -> traces with backtracks, all in token ids
 #

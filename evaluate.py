@@ -15,7 +15,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import get_task, get_tokenizer, parse_answer
+from data import checkpoint_task, get_tokenizer, parse_answer
 from model import GPT, generate
 
 
@@ -72,6 +72,16 @@ def evaluate(model, tok, task, problems, policy="rewind", temperature=0.0, top_k
     return summarize(records), records
 
 
+def held_out_eval(model, tok, task, problems, policy, temperature, max_new_tokens, seed, max_backtracks=None):
+    """Greedy and sampled (at `temperature`) metrics, flattened for a JSONL line: eval/greedy/*, eval/t1/*."""
+    res = {}
+    for label, T in (("greedy", 0.0), ("t1", temperature)):
+        m, _ = evaluate(model, tok, task, problems, policy, T, max_new_tokens=max_new_tokens,
+                        max_backtracks=max_backtracks, seed=seed)
+        res.update({f"eval/{label}/{k}": v for k, v in m.items() if k != "n"})
+    return res
+
+
 def summarize(records):
     """Metrics of a list of scored records (see evaluate)."""
     n = max(len(records), 1)
@@ -109,8 +119,7 @@ def main(argv=None):
     model = GPT.from_pretrained(args.ckpt, device=args.device)
     meta = getattr(model, "meta", {})
     tok = get_tokenizer(model.config.tokenizer)
-    name = args.task or meta.get("task", "arith")
-    task = get_task(name, **(meta.get("task_kwargs", {}) if name == meta.get("task") else {}))
+    name, _, task = checkpoint_task(meta, args.task)
     policy = args.policy or meta.get("policy", "rewind")
     problems = task.problems("test", n=args.n, seed=args.seed)
     mnt = args.max_new_tokens or meta.get("max_new_tokens", 128)

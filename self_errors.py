@@ -56,7 +56,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-from data import Trace, get_task, get_tokenizer, resolve
+from data import Trace, checkpoint_task, get_tokenizer, resolve
 from model import GPT, generate
 from train_dpo import completion_batch, completion_logprobs
 from train_sft import configure, parse_kwargs
@@ -211,10 +211,8 @@ def main(argv=None):
     model = GPT.from_pretrained(cfg.ckpt, device=cfg.device)
     meta = getattr(model, "meta", {})
     tok = get_tokenizer(model.config.tokenizer)
-    task_name = cfg.task or meta.get("task", "arith")
-    task_kwargs = parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else (
-        meta.get("task_kwargs", {}) if task_name == meta.get("task") else {})
-    task = get_task(task_name, **task_kwargs)
+    task_name, task_kwargs, task = checkpoint_task(meta, cfg.task,
+                                                   parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
     policy = cfg.policy or meta.get("policy", "rewind")
     max_new_tokens = cfg.max_new_tokens or meta.get("max_new_tokens", 128)
     problems = task.problems("train", n=cfg.n, seed=cfg.seed)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import Trace, collate, get_task, get_tokenizer, layout
+from data import Trace, checkpoint_task, collate, get_tokenizer, layout
 from model import action_logprobs, read_json
 from train_sft import (JsonlLog, all_reduce_sum, build_model, end_step, finish, lr_at,
                        make_optimizer, parse_kwargs, restore, save_checkpoint, start_run, wrap)
@@ -230,10 +230,8 @@ def main(argv=None):
     resuming = cfg.init_from == "resume"
     model, tok, init_meta = load_model(cfg.out_dir if resuming else cfg.init_from, cfg, device)
     ref_path = init_meta.get("dpo_reference", cfg.init_from) if resuming else cfg.init_from
-    task_name = cfg.task or init_meta.get("task", "arith")
-    task_kwargs = parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else (
-        init_meta.get("task_kwargs", {}) if task_name == init_meta.get("task") else {})
-    task = get_task(task_name, **task_kwargs)
+    task_name, task_kwargs, task = checkpoint_task(init_meta, cfg.task,
+                                                   parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
     policy = cfg.policy or init_meta.get("policy", "rewind")
     max_new_tokens = cfg.max_new_tokens or init_meta.get("max_new_tokens", 128)
     pairs = load_pairs(cfg.pairs_file, model.config.block_size)
@@ -271,11 +269,8 @@ def main(argv=None):
               f"loss={cfg.loss_type} beta={cfg.beta} | global batch {global_size} pairs | policy={policy} | world {world}")
 
     def run_eval(step):
-        from evaluate import evaluate
-        res = {}
-        for label, T in (("greedy", 0.0), ("t1", cfg.eval_temperature)):
-            m, _ = evaluate(raw, tok, task, held_out, policy, T, max_new_tokens=max_new_tokens, seed=cfg.seed)
-            res.update({f"eval/{label}/{k}": v for k, v in m.items() if k != "n"})
+        from evaluate import held_out_eval
+        res = held_out_eval(raw, tok, task, held_out, policy, cfg.eval_temperature, max_new_tokens, cfg.seed)
         log(step=step, **res)
         tqdm.write(f"step {step}: held-out acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "
                    f"{res['eval/t1/acc']:.3f} | bk/sample T={cfg.eval_temperature} {res['eval/t1/bk_per_sample']:.2f}")

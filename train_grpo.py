@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from data import Trace, collate, get_task, get_tokenizer, layout
+from data import Trace, checkpoint_task, collate, get_tokenizer, layout
 from model import GPT, action_logprobs, generate, read_json, unwrap
 from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
 from train_sft import (JsonlLog, all_reduce_sum, build_model, end_step, finish, lr_at,
@@ -222,10 +222,8 @@ def main(argv=None):
     model, tok, init_meta = load_init(cfg, device)
     resuming = cfg.init_from == "resume"
     sft_path = init_meta.get("sft_checkpoint", cfg.init_from) if resuming else cfg.init_from
-    task_name = cfg.task or init_meta.get("task", "arith")
-    task_kwargs = parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else (
-        init_meta.get("task_kwargs", {}) if task_name == init_meta.get("task") else {})
-    task = get_task(task_name, **task_kwargs)
+    task_name, task_kwargs, task = checkpoint_task(init_meta, cfg.task,
+                                                   parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
     policy = cfg.policy or init_meta.get("policy", "rewind")
     optimizer = make_optimizer(model, cfg)
     start = restore(optimizer, cfg, resuming, master)
@@ -250,12 +248,9 @@ def main(argv=None):
               f"{cfg.prompts_per_step} prompts x {G} completions per step | loss={cfg.loss_type} | world {world}")
 
     def run_eval(step):
-        from evaluate import evaluate
-        res = {}
-        for label, T in (("greedy", 0.0), ("t1", cfg.eval_temperature)):
-            m, _ = evaluate(raw, tok, task, held_out, policy, T, max_new_tokens=cfg.max_new_tokens,
-                            max_backtracks=cfg.max_backtracks, seed=cfg.seed)
-            res.update({f"eval/{label}/{k}": v for k, v in m.items() if k != "n"})
+        from evaluate import held_out_eval
+        res = held_out_eval(raw, tok, task, held_out, policy, cfg.eval_temperature, cfg.max_new_tokens, cfg.seed,
+                            max_backtracks=cfg.max_backtracks)
         log(step=step, **res)
         tqdm.write(f"step {step}: held-out acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "
                    f"{res['eval/t1/acc']:.3f} | bk/sample greedy {res['eval/greedy/bk_per_sample']:.2f} "

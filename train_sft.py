@@ -413,11 +413,8 @@ def main(argv=None):
               f"policy={cfg.policy} mask_errors={cfg.mask_errors} | world {world}")
 
     def run_eval(step):
-        from evaluate import evaluate
-        res = {}
-        for label, T in (("greedy", 0.0), ("t1", cfg.eval_temperature)):
-            m, _ = evaluate(raw, tok, task, held_out, cfg.policy, T, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-            res.update({f"eval/{label}/{k}": v for k, v in m.items() if k != "n"})
+        from evaluate import held_out_eval
+        res = held_out_eval(raw, tok, task, held_out, cfg.policy, cfg.eval_temperature, cfg.max_new_tokens, cfg.seed)
         log(step=step, **res)
         tqdm.write(f"step {step}: acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "
                    f"{res['eval/t1/acc']:.3f} | bk/sample {res['eval/t1/bk_per_sample']:.2f}")
