@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import Trace, checkpoint_task, collate, get_tokenizer, layout
+from data import Trace, checkpoint_task, collate, get_tokenizer, layout, read_jsonl
 from model import action_logprobs, read_json
 from train_sft import (JsonlLog, all_reduce_sum, build_model, end_step, finish, lr_at,
                        make_optimizer, parse_kwargs, restore, save_checkpoint, start_run, wrap)
@@ -153,23 +153,23 @@ def load_pairs(path, block_size):
     if not os.path.exists(path):
         raise SystemExit(f"error: no pairs file at {path!r}: write one with "
                          "python self_errors.py --ckpt=<sft checkpoint>")
+    try:
+        rows = read_jsonl(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     out = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                p = {k: [int(x) for x in d[k]] for k in ("prompt", "prefix", "chosen", "rejected")}
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise SystemExit(f"error: {path}:{i}: not a pair line ({e!r})")
-            if not p["prompt"] or not p["chosen"] or not p["rejected"]:
-                raise SystemExit(f"error: {path}:{i}: prompt, chosen and rejected must be non-empty")
-            n = len(p["prompt"]) + len(p["prefix"]) + max(len(p["chosen"]), len(p["rejected"]))
-            if n > block_size:
-                raise SystemExit(f"error: {path}:{i}: a pair of {n} tokens exceeds block_size={block_size}")
-            p["question"] = d.get("question")
-            out.append(p)
+    for i, d in rows:
+        try:
+            p = {k: [int(x) for x in d[k]] for k in ("prompt", "prefix", "chosen", "rejected")}
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"error: {path}:{i}: not a pair line ({e!r})")
+        if not p["prompt"] or not p["chosen"] or not p["rejected"]:
+            raise SystemExit(f"error: {path}:{i}: prompt, chosen and rejected must be non-empty")
+        n = len(p["prompt"]) + len(p["prefix"]) + max(len(p["chosen"]), len(p["rejected"]))
+        if n > block_size:
+            raise SystemExit(f"error: {path}:{i}: a pair of {n} tokens exceeds block_size={block_size}")
+        p["question"] = d.get("question")
+        out.append(p)
     if not out:
         raise SystemExit(f"error: {path} holds no pairs")
     return out

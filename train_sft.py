@@ -30,7 +30,7 @@ from dataclasses import dataclass, asdict, fields
 import torch
 from tqdm import tqdm
 
-from data import (Curriculum, Trace, build_traces, collate, get_task, get_tokenizer, layout, pack)
+from data import (Curriculum, Trace, build_traces, collate, get_task, get_tokenizer, layout, pack, read_jsonl)
 from model import GPT, GPTConfig, init_bk_embedding, padded_vocab, sft_loss, unwrap
 
 
@@ -335,16 +335,16 @@ def build_model(cfg, tok, device):
 
 def load_traces_file(path):
     """JSONL lines {"prompt": [ids], "response": [ids]}; errors name the file and line."""
+    try:
+        rows = read_jsonl(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     out = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                out.append(Trace(list(d["prompt"]), list(d["response"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise SystemExit(f"error: {path}:{i}: not a trace line ({e!r})")
+    for i, d in rows:
+        try:
+            out.append(Trace([int(x) for x in d["prompt"]], [int(x) for x in d["response"]]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"error: {path}:{i}: not a trace line ({e!r})")
     if not out:
         raise SystemExit(f"error: {path} holds no traces")
     return out

@@ -126,3 +126,15 @@ def test_sft_from_a_hugging_face_gpt2_folder(tmp_path):
     m = GPT.from_pretrained(out)
     assert (m.config.vocab_size, m.config.bk_id, m.config.eot_id, m.config.tokenizer) == (50304, 50257, 50256, "gpt2")
     assert m.transformer.wte.weight[50257].abs().sum() > 0
+
+
+def test_bad_traces_file_names_file_and_line(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"prompt": [1], "response": [2]}\n{"prompt": [1]\n')
+    with pytest.raises(SystemExit, match=r"t\.jsonl:2: malformed"):
+        train_sft.load_traces_file(str(p))
+    p.write_text('{"prompt": [1], "response": [2]}\n\n{"prompt": [1]}\n')
+    with pytest.raises(SystemExit, match=r"t\.jsonl:3: not a trace line"):
+        train_sft.load_traces_file(str(p))
+    p.write_text('{"prompt": [1], "response": [2, 3]}\n')
+    assert train_sft.load_traces_file(str(p))[0].response == [2, 3]
