@@ -26,12 +26,14 @@ curves.svg (held-out greedy accuracy during SFT, mean over seeds).
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-import train_sft
-from train_sft import configure
+from common import cli, configure, read_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 VARIANTS = {
     "clean": ["--backtrack_ratio=0.0"],
@@ -57,18 +59,11 @@ class Config:
     grpo_args: str = ""
 
 
-def tokens_per_step(args):
-    """Mean training tokens of one global batch for these SFT args, measured on a few batches."""
-    from data import Curriculum, get_task, get_tokenizer
-    cfg = configure(train_sft.Config(), args)
-    tok, task = get_tokenizer(cfg.tokenizer), get_task(cfg.task, **train_sft.parse_kwargs(cfg.task_kwargs))
-    pool = task.problems("train", n=2000, seed=cfg.seed)
-    cur = Curriculum.from_string(cfg.curriculum)
-    n = []
-    for step, prog in enumerate((0.1, 0.5, 0.9)):
-        tr = train_sft.global_batch(step, cfg, tok, task, pool, None, cur.max_backtracks(prog), cfg.batch_size * cfg.grad_accum)
-        n.append(sum(b["n_tokens"] for b in train_sft.micro_batches(tr, cfg, tok, 0, 1, 0, "cpu")))
-    return sum(n) / len(n)
+def run(script, *args):
+    """Run one stage exactly as a user would, in its own process (stages never import each other)."""
+    cmd = [sys.executable, os.path.join(HERE, script), *args]
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd[1:])} failed")
 
 
 def final_eval(path):
@@ -77,36 +72,33 @@ def final_eval(path):
     return evals[-1], [(r["step"], r["eval/greedy/acc"]) for r in evals]
 
 
-def run_grpo(cfg, run, out, seed, args):
-    import train_grpo
-    train_grpo.main([f"--init_from={run}", f"--out_dir={out}", f"--seed={seed}", f"--max_iters={cfg.grpo_iters}",
-                     f"--eval_interval={cfg.grpo_iters}", f"--eval_n={cfg.eval_n}", "--progress=False",
-                     *cfg.grpo_args.split()])
+def run_grpo(cfg, run_dir, out, seed, args):
+    run("train_grpo.py", f"--init_from={run_dir}", f"--out_dir={out}", f"--seed={seed}", f"--max_iters={cfg.grpo_iters}",
+        f"--eval_interval={cfg.grpo_iters}", f"--eval_n={cfg.eval_n}", "--progress=False", *cfg.grpo_args.split())
 
 
-def own_errors(cfg, run, seed):
+def own_errors(cfg, run_dir, seed):
     """The model's own errors as traces and DPO pairs, made once per base run."""
-    traces, pairs = os.path.join(run, "self_traces.jsonl"), os.path.join(run, "self_pairs.jsonl")
+    traces, pairs = os.path.join(run_dir, "self_traces.jsonl"), os.path.join(run_dir, "self_pairs.jsonl")
     if not os.path.exists(traces):
-        import self_errors
-        self_errors.main([f"--ckpt={run}", f"--n={cfg.self_n}", f"--out={traces}", f"--pairs_out={pairs}", f"--seed={seed}"])
+        run("self_errors.py", f"--ckpt={run_dir}", f"--n={cfg.self_n}", f"--out={traces}", f"--pairs_out={pairs}",
+            f"--seed={seed}")
     return traces, pairs
 
 
-def run_self(cfg, run, out, seed, args):
-    traces, _ = own_errors(cfg, run, seed)
-    train_sft.main(args + [f"--init_from={run}", f"--out_dir={out}", f"--seed={seed}", f"--traces_file={traces}",
-                           "--traces_ratio=0.5", f"--max_iters={cfg.stage_iters}", f"--eval_interval={cfg.stage_iters}",
-                           f"--save_interval={cfg.stage_iters}", f"--eval_n={cfg.eval_n}", "--progress=False",
-                           "--lr=3e-4", "--min_lr=3e-5", "--warmup_iters=10"])
+def run_self(cfg, run_dir, out, seed, args):
+    traces, _ = own_errors(cfg, run_dir, seed)
+    run("train_sft.py", *args, f"--init_from={run_dir}", f"--out_dir={out}", f"--seed={seed}", f"--traces_file={traces}",
+        "--traces_ratio=0.5", f"--max_iters={cfg.stage_iters}", f"--eval_interval={cfg.stage_iters}",
+        f"--save_interval={cfg.stage_iters}", f"--eval_n={cfg.eval_n}", "--progress=False",
+        "--lr=3e-4", "--min_lr=3e-5", "--warmup_iters=10")
 
 
-def run_dpo(cfg, run, out, seed, args):
-    import train_dpo
-    _, pairs = own_errors(cfg, run, seed)
-    train_dpo.main([f"--init_from={run}", f"--out_dir={out}", f"--seed={seed}", f"--pairs_file={pairs}",
-                    f"--max_iters={cfg.stage_iters}", f"--eval_interval={cfg.stage_iters}", f"--eval_n={cfg.eval_n}",
-                    "--eval_at_start=False", "--progress=False"])
+def run_dpo(cfg, run_dir, out, seed, args):
+    _, pairs = own_errors(cfg, run_dir, seed)
+    run("train_dpo.py", f"--init_from={run_dir}", f"--out_dir={out}", f"--seed={seed}", f"--pairs_file={pairs}",
+        f"--max_iters={cfg.stage_iters}", f"--eval_interval={cfg.stage_iters}", f"--eval_n={cfg.eval_n}",
+        "--eval_at_start=False", "--progress=False")
 
 
 STAGES = {"": None, "grpo": run_grpo, "self": run_self, "dpo": run_dpo}
@@ -137,7 +129,8 @@ def write_svg(curves, path, w=640, h=400, pad=50):
 
 
 def main(argv=None):
-    cfg = configure(Config(), sys.argv[1:] if argv is None else argv)
+    cfg = Config()
+    configure(cfg, sys.argv[1:] if argv is None else argv)
     os.makedirs(cfg.out_dir, exist_ok=True)
     variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
     for v in variants:
@@ -151,23 +144,23 @@ def main(argv=None):
     t_start = time.time()
     for base in dict.fromkeys(v.partition("+")[0] for v in variants):
         args = [f"--task={cfg.task}", *VARIANTS[base], *extra]
-        iters = max(1, round(cfg.tokens / tokens_per_step(args)))
         for seed in range(cfg.seeds):
             name = f"{base}/seed{seed}"
-            run = os.path.join(cfg.out_dir, base, f"seed{seed}")
+            run_dir = os.path.join(cfg.out_dir, base, f"seed{seed}")
             if name not in results:   # finished runs are kept: the ablation can be resumed
-                every = max(1, iters // cfg.eval_points)
-                train_sft.main(args + [f"--out_dir={run}", f"--seed={seed}", f"--max_iters={iters}",
-                                       f"--eval_interval={every}", f"--save_interval={iters}",
-                                       f"--eval_n={cfg.eval_n}", "--progress=False"])
-                last, curve = final_eval(run)
+                # equal tokens: train_sft sets each variant's step count from its own tokens per step
+                run("train_sft.py", *args, f"--out_dir={run_dir}", f"--seed={seed}", f"--max_tokens={cfg.tokens}",
+                    f"--evals={cfg.eval_points}", f"--save_interval={10 ** 9}", f"--eval_n={cfg.eval_n}",
+                    "--progress=False")
+                iters = read_json(os.path.join(run_dir, "config.json"))["train_config"]["max_iters"]
+                last, curve = final_eval(run_dir)
                 results[name] = dict(variant=base, seed=seed, iters=iters, curve=[(s / iters, a) for s, a in curve], **last)
                 json.dump(results, open(results_path, "w"), indent=1)
             for stage in STAGES:
                 v = f"{base}+{stage}"
                 if stage and v in variants and f"{v}/seed{seed}" not in results:
-                    out = run + "-" + stage
-                    STAGES[stage](cfg, run, out, seed, args)
+                    out = run_dir + "-" + stage
+                    STAGES[stage](cfg, run_dir, out, seed, args)
                     last, _ = final_eval(out)
                     results[f"{v}/seed{seed}"] = dict(variant=v, seed=seed, **last)
                     json.dump(results, open(results_path, "w"), indent=1)
@@ -197,4 +190,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -24,68 +24,59 @@ import random
 import resource
 import sys
 import time
-from ast import literal_eval
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 
 import torch
 
+from common import configure
 from data import Trace, layout, collate
 from model import GPT, GPTConfig, KVCache, generate, sft_loss
 
 # -----------------------------------------------------------------------------
-# config: module globals, each overridable as --key=value
-device = "cpu"
-dtype = "float32"          # float32 | bfloat16 | float16 (decode runs in it; training autocasts to it)
-compile = False            # torch.compile the model for training (generate's step loop stays eager)
-quick = False              # smoke run: small counts, no GPT-2 small shape
-seed = 1337
-threads = 0                # torch.set_num_threads; 0 keeps torch's default. On a shared machine, 2 OpenMP
-                           # threads stall at every barrier when a core is taken; --threads=1 (or
-                           # OMP_WAIT_POLICY=PASSIVE) keeps the ratios meaningful there
-out = ""                   # also write the figures as JSON here
-# the default tiny model: the shape train_sft.py trains from scratch with the byte tokenizer, with
-# block_size raised from its 128 so that 256 new tokens fit (wpe's size costs no speed)
-n_layer = 4
-n_head = 4
-n_embd = 192
-block_size = 512
-vocab_size = 320
-n_vocab = 258
-eot_id = 256
-bk_id = 257
-gpt2_small = True          # also time GPT-2 small (124M): decode (the no-cache loop takes ~1 min) and batching
-gpt2_batch_tokens = 32     # new tokens per row for GPT-2 small's batched vs sequential figure
-# workloads
-prompt_len = 16
-new_tokens = 256           # decode length for figures 1 and 3
-rewind_lengths = (64, 4096)
-n_rewinds = 20000
-batch_rows = 16
-p_bk = 0.15                # chance of a BK at each response step of the random traces
-train_batch = 32
-train_len = 128            # nodes per row of the `keep` layout (prompt + response incl. BKs)
-train_iters = 4
-reps = 3                   # timings are the best of reps runs: contention on a shared machine only adds time
-matmul_n = 2048
+# config: --key=value overrides of these fields
+
+
+@dataclass
+class Config:
+    device: str = "cpu"
+    dtype: str = "float32"          # float32 | bfloat16 | float16 (decode runs in it; training autocasts to it)
+    compile: bool = False            # torch.compile the model for training (generate's step loop stays eager)
+    quick: bool = False              # smoke run: small counts, no GPT-2 small shape
+    seed: int = 1337
+    threads: int = 0                 # torch.set_num_threads; 0 keeps torch's default. On a shared machine, 2 OpenMP
+                                     # threads stall at every barrier when a core is taken; --threads=1 (or
+                                     # OMP_WAIT_POLICY=PASSIVE) keeps the ratios meaningful there
+    out: str = ""                   # also write the figures as JSON here
+    # the default tiny model: the shape train_sft.py trains from scratch with the byte tokenizer, with
+    # block_size raised from its 128 so that 256 new tokens fit (wpe's size costs no speed)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192
+    block_size: int = 512
+    vocab_size: int = 320
+    n_vocab: int = 258
+    eot_id: int = 256
+    bk_id: int = 257
+    gpt2_small: bool = True          # also time GPT-2 small (124M): decode (the no-cache loop takes ~1 min) and batching
+    gpt2_batch_tokens: int = 32     # new tokens per row for GPT-2 small's batched vs sequential figure
+    # workloads
+    prompt_len: int = 16
+    new_tokens: int = 256           # decode length for figures 1 and 3
+    rewind_lengths: tuple = (64, 4096)
+    n_rewinds: int = 20000
+    batch_rows: int = 16
+    p_bk: float = 0.15                # chance of a BK at each response step of the random traces
+    train_batch: int = 32
+    train_len: int = 128            # nodes per row of the `keep` layout (prompt + response incl. BKs)
+    train_iters: int = 4
+    reps: int = 3                   # timings are the best of reps runs: contention on a shared machine only adds time
+    matmul_n: int = 2048
+
+
+args = Config()   # the run's settings; main() applies the command line to it
+
 # -----------------------------------------------------------------------------
-
-
-def configure(argv):
-    """nanoGPT-style overrides: --key=value, the value parsed as a Python literal when it is one."""
-    g = globals()
-    for arg in argv:
-        assert arg.startswith("--") and "=" in arg, f"expected --key=value, got {arg!r}"
-        key, val = arg[2:].split("=", 1)
-        assert key in g and not key.startswith("_") and not callable(g[key]), f"unknown config key {key!r}"
-        try:
-            val = literal_eval(val)
-        except (SyntaxError, ValueError):
-            pass  # a bare string such as cuda or bfloat16
-        if isinstance(g[key], tuple) and isinstance(val, list):
-            val = tuple(val)
-        assert type(val) == type(g[key]) or (isinstance(g[key], float) and isinstance(val, int)), \
-            f"--{key}: expected {type(g[key]).__name__}, got {val!r}"
-        g[key] = val
 
 
 def sync(dev):
@@ -111,8 +102,8 @@ def best_of(fn, reps, dev="cpu"):
 
 
 def tiny_config(**kw):
-    return GPTConfig(**dict(dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                                 vocab_size=vocab_size, n_vocab=n_vocab, eot_id=eot_id, bk_id=bk_id), **kw))
+    return GPTConfig(**dict(dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
+                                 vocab_size=args.vocab_size, n_vocab=args.n_vocab, eot_id=args.eot_id, bk_id=args.bk_id), **kw))
 
 
 def gpt2_config():
@@ -123,7 +114,7 @@ def gpt2_config():
 
 
 def make_model(cfg, dev="cpu", ptdtype=torch.float32):
-    torch.manual_seed(seed)
+    torch.manual_seed(args.seed)
     return GPT(cfg).to(device=dev, dtype=ptdtype).eval()
 
 
@@ -176,14 +167,14 @@ def decode_nocache(model, prompt, max_new_tokens, temperature=1.0, gen=None):
 def bench_decode(model, max_new_tokens, plen=16, reps=3, nocache_reps=1):
     """Batch-1 decode tokens/s, KV cache (model.generate, policy keep) vs full re-forward."""
     dev = next(model.parameters()).device
-    rng = random.Random(seed)
+    rng = random.Random(args.seed)
     prompt = random_prompts(1, plen, model.config.eot_id, rng)[0]
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
     # warm up both paths: first calls pay for allocator growth and kernel selection
-    generate(model, [prompt], max_new_tokens=8, policy="keep", stop_at_eot=False, seed=seed)
+    generate(model, [prompt], max_new_tokens=8, policy="keep", stop_at_eot=False, seed=args.seed)
     decode_nocache(model, prompt, 8, gen=gen)
     best = best_of(lambda: generate(model, [prompt], max_new_tokens=max_new_tokens, policy="keep",
-                                    stop_at_eot=False, seed=seed), reps, dev)
+                                    stop_at_eot=False, seed=args.seed), reps, dev)
     t_nc = best_of(lambda: decode_nocache(model, prompt, max_new_tokens, gen=gen), nocache_reps, dev)
     return dict(cache_tps=max_new_tokens / best, nocache_tps=max_new_tokens / t_nc,
                 cache_ms_per_tok=1e3 * best / max_new_tokens, nocache_ms_per_tok=1e3 * t_nc / max_new_tokens)
@@ -220,11 +211,11 @@ def bench_rewind(cfg, lengths=(64, 4096), n=20000, dev="cpu", ptdtype=torch.floa
         return 1e6 * best / k
 
     def rewind():
-        cache.rewind(rows)
+        cache.pop(rows)
 
     def rewind_logits():
         # what generate does after a BK: the slot below acts again from its stored hidden state
-        cache.rewind(rows)
+        cache.pop(rows)
         return model.lm_head(cache.h[rows, cache.lengths[rows] - 1])
 
     for L in lengths:
@@ -250,9 +241,9 @@ def bench_batched(model, rows=16, max_new_tokens=256, plen=16, p=0.15, reps=2, f
     of tokens), then batched replays of random traces with BKs under each policy."""
     dev = next(model.parameters()).device
     cfg = model.config
-    rng = random.Random(seed)
+    rng = random.Random(args.seed)
     prompts = random_prompts(rows, plen, cfg.eot_id, rng)
-    kw = dict(max_new_tokens=max_new_tokens, temperature=1.0, stop_at_eot=False, seed=seed, policy="keep")
+    kw = dict(max_new_tokens=max_new_tokens, temperature=1.0, stop_at_eot=False, seed=args.seed, policy="keep")
     generate(model, prompts, **dict(kw, max_new_tokens=8))  # warm-up
     generate(model, prompts[:1], **dict(kw, max_new_tokens=8))
     t_batch = best_of(lambda: generate(model, prompts, **kw), reps, dev)
@@ -319,7 +310,7 @@ def bench_train(model, batch=32, length=128, iters=4, p=0.15, peak=None, ptdtype
     dev = next(model.parameters()).device
     dt = str(dev).split(":")[0]
     cfg = model.config
-    rng = random.Random(seed)
+    rng = random.Random(args.seed)
     traces = train_traces(batch, length, cfg.bk_id, cfg.eot_id, p, rng)
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=dt, dtype=ptdtype)
     scaler = torch.amp.GradScaler(dt, enabled=(ptdtype == torch.float16))
@@ -394,81 +385,80 @@ def print_table():
         print(f"{r['section']:<7}   {r['figure']:<46} {fmt(r['value']):>11} {r['unit']:<7} {r['target']:<9} {r['status']}")
 
 
-def main():
-    configure(sys.argv[1:])
-    global new_tokens, n_rewinds, train_batch, train_iters, gpt2_small, matmul_n, reps
-    if quick:  # seconds: enough to see every figure, too little to trust the decimals
-        new_tokens, n_rewinds, train_batch, train_iters, reps = 64, 2000, 8, 2, 1
-        gpt2_small, matmul_n = False, 1024
-    if threads:
-        torch.set_num_threads(threads)
-    if "cuda" in device:
+def main(argv=None):
+    configure(args, sys.argv[1:] if argv is None else argv)
+    if args.quick:  # seconds: enough to see every figure, too little to trust the decimals
+        args.new_tokens, args.n_rewinds, args.train_batch, args.train_iters, args.reps = 64, 2000, 8, 2, 1
+        args.gpt2_small, args.matmul_n = False, 1024
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if "cuda" in args.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     load0 = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}, "
-          f"compile {compile}, quick {quick}, load average {load0:.2f}")
+    print(f"torch {torch.__version__}, args.device {args.device}, args.dtype {args.dtype}, args.threads {torch.get_num_threads()}, "
+          f"args.compile {args.compile}, args.quick {args.quick}, load average {load0:.2f}")
     t_start = time.perf_counter()
 
     # 1. decode
-    shapes = [("tiny", tiny_config())] + ([("gpt2-small", gpt2_config())] if gpt2_small else [])
+    shapes = [("tiny", tiny_config())] + ([("gpt2-small", gpt2_config())] if args.gpt2_small else [])
     for name, cfg in shapes:
-        model = make_model(cfg, device, ptdtype)
-        r = bench_decode(model, new_tokens, prompt_len, reps, nocache_reps=1 if name == "gpt2-small" else reps)
-        record("decode", f"{name}: KV cache, {new_tokens} new tokens, batch 1", r["cache_tps"], "tok/s")
+        model = make_model(cfg, args.device, ptdtype)
+        r = bench_decode(model, args.new_tokens, args.prompt_len, args.reps, nocache_reps=1 if name == "gpt2-small" else args.reps)
+        record("decode", f"{name}: KV cache, {args.new_tokens} new tokens, batch 1", r["cache_tps"], "tok/s")
         record("decode", f"{name}: no cache (full re-forward)", r["nocache_tps"], "tok/s")
         ratio = r["cache_tps"] / r["nocache_tps"]
         record("decode", f"{name}: cache / no cache", ratio, "x", ">= 5x", ratio >= 5)
         del model
 
     # 2. rewind
-    cfg = tiny_config(pos="rope", block_size=max(rewind_lengths) + 1)
-    r = bench_rewind(cfg, rewind_lengths, n_rewinds, device, ptdtype)
-    lo, hi = min(rewind_lengths), max(rewind_lengths)
-    for L in rewind_lengths:
-        record("rewind", f"KVCache.rewind, one row, length {L}", r[f"rewind_us_{L}"], "us")
+    cfg = tiny_config(pos="rope", block_size=max(args.rewind_lengths) + 1)
+    r = bench_rewind(cfg, args.rewind_lengths, args.n_rewinds, args.device, ptdtype)
+    lo, hi = min(args.rewind_lengths), max(args.rewind_lengths)
+    for L in args.rewind_lengths:
+        record("rewind", f"KVCache.pop, one row, length {L}", r[f"rewind_us_{L}"], "us")
     ratio = r[f"rewind_us_{hi}"] / r[f"rewind_us_{lo}"]
     record("rewind", f"rewind cost {hi} / {lo}", ratio, "x", "~1 (<1.5)", ratio < 1.5)
-    for L in rewind_lengths:
+    for L in args.rewind_lengths:
         record("rewind", f"rewind + next logits, length {L}", r[f"rewind_step_us_{L}"], "us")
     ratio = r[f"rewind_step_us_{hi}"] / r[f"rewind_step_us_{lo}"]
     record("rewind", f"rewind + next logits {hi} / {lo}", ratio, "x", "~1 (<1.5)", ratio < 1.5)
-    for L in rewind_lengths:
+    for L in args.rewind_lengths:
         record("rewind", f"(normal 1-token decode step, length {L})", r[f"decode_step_us_{L}"], "us")
     record("rewind", "cache storage never moved (in place)", r["in_place"], "", "yes", r["in_place"])
     record("memory", "KV cache bytes per token (k, v, h)", r["kv_bytes_per_token"], "B")
 
     # 3. batch
-    model = make_model(tiny_config(), device, ptdtype)
-    r = bench_batched(model, batch_rows, new_tokens, prompt_len, p_bk, reps)
-    record("batch", f"tiny: {batch_rows} rows in one cache, {new_tokens} tokens each", r["batch_tps"], "tok/s")
-    record("batch", f"tiny: {batch_rows} rows one by one", r["seq_tps"], "tok/s")
+    model = make_model(tiny_config(), args.device, ptdtype)
+    r = bench_batched(model, args.batch_rows, args.new_tokens, args.prompt_len, args.p_bk, args.reps)
+    record("batch", f"tiny: {args.batch_rows} rows in one cache, {args.new_tokens} tokens each", r["batch_tps"], "tok/s")
+    record("batch", f"tiny: {args.batch_rows} rows one by one", r["seq_tps"], "tok/s")
     ratio = r["batch_tps"] / r["seq_tps"]
     record("batch", "tiny: batched / sequential", ratio, "x", ">= 8x", ratio >= 8)
-    record("batch", f"tiny: bare forward step, {batch_rows} rows vs 1 (ceiling)", r["forward_ceiling"], "x")
+    record("batch", f"tiny: bare forward step, {args.batch_rows} rows vs 1 (ceiling)", r["forward_ceiling"], "x")
     record("batch", f"forced traces, {100 * r['forced_bk_frac']:.0f}% BK, policy keep", r["forced_keep_tps"], "act/s")
     record("batch", f"forced traces, {100 * r['forced_bk_frac']:.0f}% BK, policy rewind", r["forced_rewind_tps"], "act/s")
     record("batch", "rewind / keep", r["forced_rewind_tps"] / r["forced_keep_tps"], "x")
-    if gpt2_small and gpt2_batch_tokens:
+    if args.gpt2_small and args.gpt2_batch_tokens:
         # a model big enough that a batch-1 step is bound by reading the weights, not by compute
-        g = bench_batched(make_model(gpt2_config(), device, ptdtype), batch_rows, gpt2_batch_tokens, prompt_len,
+        g = bench_batched(make_model(gpt2_config(), args.device, ptdtype), args.batch_rows, args.gpt2_batch_tokens, args.prompt_len,
                           reps=1, forced=False)
-        record("batch", f"gpt2-small: {batch_rows} rows in one cache, {gpt2_batch_tokens} tokens each", g["batch_tps"], "tok/s")
-        record("batch", f"gpt2-small: {batch_rows} rows one by one", g["seq_tps"], "tok/s")
+        record("batch", f"gpt2-small: {args.batch_rows} rows in one cache, {args.gpt2_batch_tokens} tokens each", g["batch_tps"], "tok/s")
+        record("batch", f"gpt2-small: {args.batch_rows} rows one by one", g["seq_tps"], "tok/s")
         ratio = g["batch_tps"] / g["seq_tps"]
         record("batch", "gpt2-small: batched / sequential", ratio, "x", ">= 8x", ratio >= 8)
-        record("batch", f"gpt2-small: bare forward step, {batch_rows} rows vs 1 (ceiling)", g["forward_ceiling"], "x")
+        record("batch", f"gpt2-small: bare forward step, {args.batch_rows} rows vs 1 (ceiling)", g["forward_ceiling"], "x")
 
     # 4. train
-    peak = matmul_peak(matmul_n, device, ptdtype)
-    record("train", f"peak: {matmul_n}^3 matmul, {dtype}", peak / 1e9, "GFLOP/s")
-    model = make_model(tiny_config(), device)  # fp32 weights; a lower dtype comes in through autocast
-    r = bench_train(model, train_batch, train_len, train_iters, p_bk, peak, ptdtype, compile)
+    peak = matmul_peak(args.matmul_n, args.device, ptdtype)
+    record("train", f"peak: {args.matmul_n}^3 matmul, {args.dtype}", peak / 1e9, "GFLOP/s")
+    model = make_model(tiny_config(), args.device)  # fp32 weights; a lower args.dtype comes in through autocast
+    r = bench_train(model, args.train_batch, args.train_len, args.train_iters, args.p_bk, peak, ptdtype, args.compile)
     for policy in ("keep", "rewind"):
         T = r[f"{policy}_T"]
         tag = "causal, mask=None" if policy == "keep" else "tree, (B,T,T) mask"
-        record("train", f"{policy} ({tag}), {train_batch}x{T}", r[f"{policy}_tps"], "tok/s")
+        record("train", f"{policy} ({tag}), {args.train_batch}x{T}", r[f"{policy}_tps"], "tok/s")
         if r[f"{policy}_real_tps"] < 0.999 * r[f"{policy}_tps"]:
             record("train", f"{policy}: without padding", r[f"{policy}_real_tps"], "tok/s")
         record("train", f"{policy}: MFU", 100 * r[f"{policy}_mfu"], "%")
@@ -478,17 +468,16 @@ def main():
         record("train", f"{policy}: data prep / model step",
                (r[f"{policy}_layout_ms"] + r[f"{policy}_collate_ms"]) / r[f"{policy}_step_ms"], "x")
 
-    if "cuda" in device:
+    if "cuda" in args.device:
         record("memory", "peak CUDA memory allocated", torch.cuda.max_memory_allocated() / 2 ** 20, "MiB")
     record("memory", "peak resident memory of this process", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB")
     print_table()
     # the 1-minute load average lags; well above zero at the start means other processes shared the
-    # cores (threads) and every figure here is pessimistic, the ratios included
+    # cores (args.threads) and every figure here is pessimistic, the ratios included
     print(f"\nbench took {time.perf_counter() - t_start:.0f} s; load average at the start {load0:.2f}, now {os.getloadavg()[0]:.2f}")
-    if out:
-        cfg_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
-        with open(out, "w") as f:
-            json.dump(dict(config={k: globals()[k] for k in cfg_keys}, torch=torch.__version__, figures=ROWS), f, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(config=asdict(args), torch=torch.__version__, figures=ROWS), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,42 +1,42 @@
 """
 Sample from a trained checkpoint and watch it backtrack.
 
-    python generate.py --prompt "Q: 7+5-3=?"                 # the default SFT checkpoint
-    python generate.py --ckpt out/grpo --policy keep --num_samples 4 --temperature 1.0
+    python generate.py --prompt "7+5-3"                      # the default SFT checkpoint
+    python generate.py --ckpt=out/grpo --policy=keep --num_samples=4 --temperature=1.0
 
 On a terminal, each deleted token is struck through in red the moment its backtrack is sampled;
 in plain output (a pipe, a file) a deletion is marked inline as [-x-]. The resolved answer of
 every sample is printed after its trace.
 """
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
-from data import get_task, get_tokenizer, parse_answer
-from model import GPT, generate
+from common import cli, configure, load_model
+from data import count_backtracks
+from model import generate
+from tasks import get_task, parse_answer
 
 DEFAULT_CKPT = "out/sft"   # what the README's main run (python train_sft.py) writes
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", required=True, help="question text (wrapped in the task's prompt format unless --raw)")
-    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint folder (project or Hugging Face layout)")
-    p.add_argument("--raw", action="store_true", help="feed the prompt text as is, without the task's format")
-    p.add_argument("--policy", choices=["keep", "rewind"], default=None,
-                   help="context policy at inference (default: the one the checkpoint was trained with)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--max_backtracks", type=int, default=None, help="cap on backtracks per sample")
-    p.add_argument("--num_samples", type=int, default=1, help="samples decoded together in one cache")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    return p.parse_args(argv)
+@dataclass
+class Config:
+    prompt: str = ""                 # question text (wrapped in the task's prompt format unless --raw)
+    ckpt: str = DEFAULT_CKPT         # checkpoint folder (this project's or a Hugging Face one)
+    raw: bool = False                # feed the prompt text as is, without the task's format
+    policy: str = ""                 # keep | rewind; "" = the one the checkpoint was trained with
+    temperature: float = 0.0         # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    max_backtracks: int = -1         # cap on backtracks per sample; -1 = none
+    num_samples: int = 1             # samples decoded together in one cache
+    seed: int = 1337
+    device: str = "cpu"
+    color: str = "auto"              # auto | always | never
 
 
 class Printer:
@@ -94,34 +94,55 @@ class Printer:
         self.out.flush()
 
 
+def check_args(cfg):
+    """Every argument, before any work: one line naming the bad one."""
+    if not cfg.prompt:
+        raise ValueError('--prompt is empty: pass the question, e.g. --prompt "7+5-3"')
+    if cfg.temperature < 0:
+        raise ValueError(f"--temperature={cfg.temperature}: must be >= 0 (0 = greedy)")
+    if cfg.num_samples < 1:
+        raise ValueError(f"--num_samples={cfg.num_samples}: must be >= 1")
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens={cfg.max_new_tokens}: must be >= 1")
+    if cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--top_k={cfg.top_k} --top_p={cfg.top_p}: top_k >= 0 and 0 < top_p <= 1")
+    if cfg.policy not in ("", "keep", "rewind"):
+        raise ValueError(f"--policy={cfg.policy}: expected keep or rewind")
+    if cfg.color not in ("auto", "always", "never"):
+        raise ValueError(f"--color={cfg.color}: expected auto, always or never")
+    if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
+        raise ValueError(f"no checkpoint at --ckpt={cfg.ckpt!r}. Train one first (python train_sft.py) "
+                         "or pass --ckpt=/path/to/checkpoint_folder")
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    if not os.path.isdir(args.ckpt):
-        sys.exit(f"error: no checkpoint at --ckpt={args.ckpt!r}. Train one first (python train_sft.py) "
-                 f"or pass --ckpt=/path/to/checkpoint_folder.")
-    model = GPT.from_pretrained(args.ckpt, device=args.device)
-    cfg, meta = model.config, getattr(model, "meta", {})
-    tok = get_tokenizer(cfg.tokenizer)
-    if (tok.bk_id, tok.eot_id) != (cfg.bk_id, cfg.eot_id):
-        sys.exit(f"error: tokenizer {cfg.tokenizer!r} does not match {args.ckpt}/config.json "
-                 f"(bk {tok.bk_id} vs {cfg.bk_id}, eot {tok.eot_id} vs {cfg.eot_id})")
-    policy = args.policy or meta.get("policy", "rewind")
-    task = None if args.raw or "task" not in meta else get_task(meta["task"], **meta.get("task_kwargs", {}))
-    text = task.prompt({"question": args.prompt}) if task is not None else args.prompt
+    cfg = Config()
+    configure(cfg, sys.argv[1:] if argv is None else argv)
+    check_args(cfg)
+    model, tok = load_model(cfg.ckpt, device=cfg.device)
+    meta = model.meta
+    policy = cfg.policy or meta.get("policy", "rewind")
+    task = None if cfg.raw or "task" not in meta else get_task(meta["task"], **meta.get("task_kwargs", {}))
+    text = task.prompt({"question": cfg.prompt}) if task is not None else cfg.prompt
     prompt = tok.encode(text)
-    if not prompt:
-        sys.exit("error: --prompt is empty")
-    tty = sys.stdout.isatty() if args.color == "auto" else args.color == "always"
-    print(f"[{args.ckpt} | policy={policy} | T={args.temperature} | {args.num_samples} sample(s)]")
-    torch.manual_seed(args.seed)
-    stream = args.num_samples == 1   # one sample streams live; several are decoded together, then shown
+    room = model.config.block_size - len(prompt)
+    if room < 1:
+        raise ValueError(f"--prompt is {len(prompt)} tokens; the model's block holds {model.config.block_size}: "
+                         "shorten the prompt")
+    max_new_tokens = min(cfg.max_new_tokens, room)
+    tty = sys.stdout.isatty() if cfg.color == "auto" else cfg.color == "always"
+    print(f"[{cfg.ckpt} | policy={policy} | T={cfg.temperature} | {cfg.num_samples} sample(s)]")
+    if max_new_tokens < cfg.max_new_tokens:
+        print(f"[the block leaves room for {max_new_tokens} new tokens after the prompt]")
+    torch.manual_seed(cfg.seed)
+    stream = cfg.num_samples == 1   # one sample streams live; several are decoded together, then shown
     printer = Printer(tok, sys.stdout, tty)
     if stream:
         sys.stdout.write(text)
-    out = generate(model, [prompt] * args.num_samples, max_new_tokens=args.max_new_tokens, policy=policy,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   max_backtracks=args.max_backtracks, seed=args.seed, device=args.device,
-                   on_step=(lambda b, t, popped: printer.step(t, popped)) if stream else None)
+    out = generate(model, [prompt] * cfg.num_samples, max_new_tokens=max_new_tokens, policy=policy,
+                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                   max_backtracks=None if cfg.max_backtracks < 0 else cfg.max_backtracks, seed=cfg.seed,
+                   device=cfg.device, on_step=(lambda b, t, popped: printer.step(t, popped)) if stream else None)
     for i, o in enumerate(out):
         if not stream:
             print(f"\n--- sample {i + 1}")
@@ -131,12 +152,11 @@ def main(argv=None):
             for t in o["response"]:   # replay the recorded actions through the same renderer
                 popped = (stack.pop() if stack else None) if t == tok.bk_id else stack.append(t)
                 p.step(t, popped)
-        n_bk = o["response"].count(tok.bk_id)
         answer = tok.decode([t for t in o["resolved"] if t != tok.eot_id])
-        print(f"\n[backtracks: {n_bk}]  resolved:\n{text}{answer}")
+        print(f"\n[backtracks: {count_backtracks(o['response'], tok.bk_id)}]  resolved:\n{text}{answer}")
         if task is not None:
             print(f"[answer: {parse_answer(answer)}]")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, quiet_pipe=True)

@@ -14,13 +14,14 @@ Backtracking is native in two places:
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, asdict, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import hf_tokenizer_ids, resolve
+import hf
 
 
 @dataclass
@@ -55,9 +56,6 @@ class GPTConfig:
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.n_inner = self.n_inner or 4 * self.n_embd
 
-
-def padded_vocab(n, multiple=64):
-    return ((n + multiple - 1) // multiple) * multiple
 
 # -----------------------------------------------------------------------------
 # layers
@@ -182,7 +180,7 @@ class KVCache:
 
     Slots are position ids: a token at position p lives in slot p, and a query at position p
     attends to slots 0..p. Under `rewind` the surviving tokens are exactly slots 0..length-1,
-    so rewinding is `lengths[row] -= 1` (in place, O(1), rows independent). A later write
+    so deleting a token is `lengths[row] -= 1` (pop) (in place, O(1), rows independent). A later write
     simply overwrites the freed slot.
     """
 
@@ -217,8 +215,9 @@ class KVCache:
         return (self.k[layer, :, :, :self.span].to(k.dtype),
                 self.v[layer, :, :, :self.span].to(v.dtype))
 
-    def rewind(self, rows, n=1):
-        """Drop the last n tokens of the given rows (bool mask or index tensor). In place."""
+    def pop(self, rows, n=1):
+        """Free the top n slots of the given rows (bool mask or index tensor): the `rewind` policy's
+        deletion (docs/backtrack-semantics.md §3). In place, O(1), rows independent."""
         self.lengths[rows] -= n
 
 # -----------------------------------------------------------------------------
@@ -322,7 +321,7 @@ class GPT(nn.Module):
         from safetensors.torch import save_file
         path = path.rstrip("/")
         tmp, old = path + ".tmp", path + ".old"
-        _rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()
               if not (self.config.tie_embeddings and k == "lm_head.weight")}
@@ -331,29 +330,31 @@ class GPT(nn.Module):
             json.dump(dict(format="backtrack-gpt", config=asdict(self.config), **(meta or {})), f, indent=2)
         for name, obj in (files or {}).items():
             torch.save(obj, os.path.join(tmp, name))
-        _rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(path):
             for name in os.listdir(path):   # carry over what this save does not write (logs, eval results)
                 if not os.path.exists(os.path.join(tmp, name)):
                     os.replace(os.path.join(path, name), os.path.join(tmp, name))
             os.replace(path, old)
         os.replace(tmp, path)
-        _rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, tok_ids=None):
         """Load the project's checkpoint folder, or a Hugging Face folder (GPT-2, Llama, Qwen2,
-        Qwen3; one safetensors file or shards with an index). Returns the model in eval mode."""
+        Qwen3; one safetensors file or shards with an index). Returns the model in eval mode.
+        tok_ids: the folder's tokenizer facts (tokenizer.hf_tokenizer_ids), so that a Hugging Face
+        model takes its end-of-text and BK ids from its own tokenizer; common.load_model passes them."""
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
             raise FileNotFoundError(f"no config.json in checkpoint folder {path!r}")
-        meta = read_json(cfg_path)
+        meta = hf.read_json(cfg_path)
         if meta.get("format") == "backtrack-gpt":
             cfg = GPTConfig(**meta["config"])
             names = {"model.safetensors": None}
         else:
-            cfg = config_from_hf(meta, cfg_path, hf_tokenizer_ids(path))
-            names = safetensors_files(path)
+            cfg = GPTConfig(**hf.config_from_hf(meta, cfg_path, tok_ids))
+            names = hf.safetensors_files(path)
         # Allocate the model once, already in the target dtype and on the target device, and copy each
         # tensor into it as it is read (cast on the fly): peak memory stays near one copy of the weights
         # plus the largest tensor, not an fp32 model plus its cast.
@@ -366,7 +367,7 @@ class GPT(nn.Module):
         for name in names:  # one shard at a time, each tensor cast as it is read
             with safe_open(os.path.join(path, name), framework="pt") as f:
                 for k in f.keys():
-                    for ok, t in (convert_hf_tensor(k, f.get_tensor(k), cfg) if meta.get("format") != "backtrack-gpt"
+                    for ok, t in (hf.convert_hf_tensor(k, f.get_tensor(k), cfg) if meta.get("format") != "backtrack-gpt"
                                   else [(k, f.get_tensor(k))]):
                         if ok not in sd:
                             continue
@@ -388,155 +389,9 @@ class GPT(nn.Module):
         return model.eval()
 
     def export_hf(self, path):
-        """Write a Hugging Face folder (config.json + model.safetensors) that other tools open.
-        GPT-2 layout (Conv1D weights stored (in, out)) or Llama layout, by the config."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
-        cfg = self.config
-        sd = {k: v.detach().to("cpu", torch.float32) for k, v in self.state_dict().items()}
-        out = {}
-        if cfg.pos == "learned":
-            for k, v in sd.items():
-                if k == "lm_head.weight":
-                    continue
-                if any(k.endswith(c) for c in CONV1D):
-                    v = v.t()
-                out[k] = v.contiguous()
-            hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
-                      n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      n_inner=cfg.n_inner, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
-                      tie_word_embeddings=True, bos_token_id=cfg.eot_id, eos_token_id=cfg.eot_id)
-        else:
-            H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-            for k, v in sd.items():
-                for ours, theirs in reversed(LLAMA_NAMES):
-                    k = k.replace(ours, theirs)
-                if k.endswith("self_attn.qkv.weight") or k.endswith("self_attn.qkv.bias"):
-                    q, kk, vv = v.split([H * D, K * D, K * D], dim=0)
-                    b = k.rsplit(".", 1)[-1]
-                    pre = k[: -len("qkv." + b)]
-                    out[pre + "q_proj." + b], out[pre + "k_proj." + b], out[pre + "v_proj." + b] = q, kk, vv
-                else:
-                    out[k] = v
-            if cfg.tie_embeddings:
-                out.pop("lm_head.weight", None)
-            out = {k: v.contiguous() for k, v in out.items()}
-            hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
-                      hidden_size=cfg.n_embd, intermediate_size=cfg.n_inner, num_hidden_layers=cfg.n_layer,
-                      num_attention_heads=H, num_key_value_heads=K, head_dim=D, rms_norm_eps=cfg.norm_eps,
-                      max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta,
-                      rope_scaling=cfg.rope_scaling or None, tie_word_embeddings=cfg.tie_embeddings,
-                      attention_bias=cfg.qkv_bias, hidden_act="silu", bos_token_id=cfg.eot_id, eos_token_id=cfg.eot_id)
-            if cfg.qk_norm:
-                hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", attention_bias=False)
-            elif cfg.qkv_bias:
-                hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
-        save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        hf.update(torch_dtype="float32", backtrack_token_id=cfg.bk_id)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-
-# -----------------------------------------------------------------------------
-# Hugging Face layouts
-
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# (ours, theirs) substrings for the Llama family; q/k/v are fused into one c_attn here
-LLAMA_NAMES = [
-    ("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
-    ("transformer.h.", "model.layers."), (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
-    (".attn.c_attn.", ".self_attn.qkv."), (".attn.c_proj.", ".self_attn.o_proj."),
-    (".attn.q_norm.", ".self_attn.q_norm."), (".attn.k_norm.", ".self_attn.k_norm."),
-    (".mlp.c_fc.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj."), (".mlp.gate_proj.", ".mlp.gate_proj."),
-]
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-
-
-def safetensors_files(path):
-    idx = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(idx):
-        return sorted(set(read_json(idx)["weight_map"].values()))
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return ["model.safetensors"]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
-
-
-def config_from_hf(hf, where="config.json", tok=None):
-    """GPTConfig from a Hugging Face config.json. The table gets room for the backtrack token:
-    it takes id = the checkpoint's vocab_size, and the table is padded to a multiple of 64.
-    tok: the folder's tokenizer ids (data.hf_tokenizer_ids), when it has one: then eot and BK are the
-    tokenizer's (BK on a reserved or unused row where the family has one), so the two always agree,
-    and the table grows (padded) only when the tokenizer's ids run past it."""
-    mt = hf.get("model_type")
-    V = hf["vocab_size"]
-    eot = hf.get("eos_token_id")
-    eot = eot[0] if isinstance(eot, list) else eot
-    common = dict(vocab_size=padded_vocab(V + 1), n_vocab=V + 1, bk_id=V,
-                  eot_id=eot if eot is not None else V - 1, tokenizer=hf.get("backtrack_tokenizer", "gpt2" if mt == "gpt2" else mt))
-    if "backtrack_token_id" in hf:  # a folder this project exported: the table already holds BK
-        common.update(vocab_size=V, n_vocab=V, bk_id=hf["backtrack_token_id"])
-    if tok is not None:
-        common.update(vocab_size=V if tok["n_vocab"] <= V else padded_vocab(tok["n_vocab"]), n_vocab=tok["n_vocab"],
-                      eot_id=tok["eot_id"], bk_id=tok["bk_id"], tokenizer=tok["path"])
-    if mt == "gpt2":
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{where}: activation {hf['activation_function']!r} is not supported")
-        return GPTConfig(block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                         n_inner=hf.get("n_inner") or 0, norm_eps=hf.get("layer_norm_epsilon", 1e-5), **common)
-    if mt in ("llama", "qwen2", "qwen3", "mistral"):
-        rp = hf.get("rope_parameters") or {}
-        rs = hf.get("rope_scaling") or {}
-        if rp.get("rope_type", "default") != "default":
-            rs = rp
-        theta = rp.get("rope_theta", hf.get("rope_theta", 10000.0))
-        if rs and rs.get("rope_type", rs.get("type")) not in ("llama3", "default", None):
-            raise ValueError(f"{where}: rope scaling {rs} is not supported")
-        return GPTConfig(block_size=hf.get("max_position_embeddings", 4096), n_layer=hf["num_hidden_layers"],
-                         n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or 0,
-                         n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or 0, n_inner=hf["intermediate_size"],
-                         bias=False, qkv_bias=bool(hf.get("attention_bias", mt == "qwen2")),
-                         norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", pos="rope",
-                         rope_theta=theta, rope_scaling=dict(rs) if rs.get("rope_type", rs.get("type")) == "llama3" else {},
-                         qk_norm=(mt == "qwen3"), tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **common)
-    raise ValueError(f"{where}: model_type {mt!r} is not supported (gpt2, llama, qwen2, qwen3)")
-
-
-def convert_hf_tensor(k, t, cfg):
-    """Map one Hugging Face tensor to [(our name, tensor)]; q/k/v pieces are gathered until whole."""
-    if cfg.pos == "learned":  # GPT-2
-        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
-            return []
-        if not k.startswith("transformer.") and not k.startswith("lm_head."):
-            k = "transformer." + k
-        if any(k.endswith(c) for c in CONV1D):
-            t = t.t()
-        return [(k, t)]
-    for ours, theirs in LLAMA_NAMES:
-        k = k.replace(theirs, ours)
-    for part in ("q_proj", "k_proj", "v_proj"):
-        if f".self_attn.{part}." in k:
-            key = k.replace(f".self_attn.{part}.", ".attn.c_attn.")
-            buf = _QKV.setdefault(key, {})
-            buf[part] = t
-            if len(buf) < 3:
-                return []
-            del _QKV[key]
-            return [(key, torch.cat([buf["q_proj"], buf["k_proj"], buf["v_proj"]], dim=0))]
-    return [(k.replace(".self_attn.", ".attn."), t)]
-
-
-_QKV = {}  # q/k/v pieces waiting for their siblings (they may sit in different shards)
-
-
-def _rmtree(p):
-    import shutil
-    shutil.rmtree(p, ignore_errors=True)
+        """Write a Hugging Face folder (config.json + model.safetensors) that other tools open:
+        GPT-2 layout or Llama layout, by the config (hf.write_folder)."""
+        hf.write_folder(self.config, self.state_dict(), path)
 
 # -----------------------------------------------------------------------------
 # the backtrack token's embedding (research notes, section 3)
@@ -638,6 +493,17 @@ def sft_loss(model, batch, normalizer=None):
     nll = torch.where(w > 0, -lp * w, torch.zeros_like(lp))  # a weight-0 action never adds 0 * inf
     return nll.sum() / (w.sum().clamp(min=1.0) if normalizer is None else normalizer)
 
+
+def completion_logprobs(model, batch):
+    """Sum of log-probs over each row's completion actions (weight 1): (B,). The shared prefix
+    contributes exactly nothing, even where its log-prob is -inf (a banned token)."""
+    lp = action_logprobs(model, batch)
+    w = batch["weight"] > 0
+    lp = torch.where(w, lp, torch.zeros_like(lp))
+    B = batch["ids"].shape[0]
+    return torch.zeros(B, device=lp.device, dtype=lp.dtype).index_add(0, batch["act_row"], lp)
+
+
 def sample(logprobs, gen):
     """One draw per row by inverting the CDF with u in (0, 1]: a token of zero probability is
     never picked (the first index whose CDF reaches u has mass), and it is much cheaper than
@@ -652,7 +518,7 @@ def sample(logprobs, gen):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.0, top_k=0, top_p=1.0,
-             max_backtracks=None, seed=None, stop_at_eot=True, on_step=None, force=None, keep_logits=False,
+             max_backtracks=None, seed=None, stop_at_eot=True, on_step=None, force=None, return_logits=False,
              device=None):
     """Sample a response for each prompt (list of id lists), all rows in one cache.
 
@@ -663,7 +529,7 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     logprobs=log-prob of each action under the sampled distribution, resolved=ids).
     on_step(row, token, popped_token_or_None) is called for each action (for streaming).
     force: per row, a list of actions to replay instead of sampling (tests, scoring); a row
-    ends when its list does. keep_logits: also return each action's raw logits.
+    ends when its list does. return_logits: also return each action's raw logits.
     """
     cfg = model.config
     device = device or next(model.parameters()).device
@@ -723,7 +589,7 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
             t = int(nxt[b])
             out[b]["response"].append(t)
             out[b]["logprobs"].append(float(nlp[b]))
-            if keep_logits:
+            if return_logits:
                 out[b]["logits"].append(logits[b].clone())
             popped = None
             if t == bk:
@@ -735,7 +601,7 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
                         slot = int(cache.lengths[b]) - 1
                         bans[b].pop(slot, None)
                         bans[b].setdefault(slot - 1, set()).add(popped)
-                        cache.lengths[b] -= 1
+                        cache.pop(b)
                 else:
                     write[b] = True
             else:
@@ -756,7 +622,7 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         model.hidden(tok, pos, cache=cache)
         cache.lengths += write.long()
     for b in range(B):
-        out[b]["resolved"] = resolve(out[b]["response"], bk)
+        out[b]["resolved"] = stacks[b]   # the surviving tokens: resolve(response), kept as we went
     return out
 
 

@@ -2,7 +2,7 @@
 Rewards for RL on backtrack traces (research notes, section 6), and their curricula (7.3, 7.4).
 
 Every component is computed on the RESOLVED completion (resolve() applied, end-of-text dropped)
-with the task's own verifier and the one answer parser (data.parse_answer) that evaluation uses:
+with the task's own verifier and the one answer parser (tasks.parse_answer) that evaluation uses:
 a completion is scored on what it finally says, never on token overlap with a reference, and
 never against an unresolved target.
 
@@ -41,7 +41,8 @@ no-op `8 BK 8` as a correction (`88` is wrong), which would pay the bonus for po
 import math
 from dataclasses import dataclass, field
 
-from data import Curriculum, parse_answer, resolve
+from data import Curriculum, count_backtracks, phase_at, resolve
+from tasks import parse_answer
 
 COMPONENTS = ("outcome", "process", "backtrack", "format")
 
@@ -110,7 +111,7 @@ def score(task, tok, problem, response, budget=None, rc=None):
     bk, eot = tok.bk_id, tok.eot_id
     final = resolve(response, bk)
     text = text_of(tok, final)
-    n_bk = sum(1 for t in response if t == bk)
+    n_bk = count_backtracks(response, bk)
     right = is_right(task, text, problem)
     draft_right = right if n_bk == 0 else is_right(task, text_of(tok, draft_ids(response, bk)), problem)
     ended = len(final) > 0 and final[-1] == eot
@@ -125,6 +126,32 @@ def score(task, tok, problem, response, budget=None, rc=None):
         failed=n_bk > 0 and not draft_right and not right,     # backtracked, still wrong
         unnecessary=n_bk > 0 and draft_right,                  # backtracked a draft that was right
     )
+
+
+def deletion_stats(response, reference, bk_id):
+    """Judge each deletion of a completion against the task's reference solution (ids).
+
+    A token x written on top of surviving prefix S is wrong iff S + [x] is not a prefix of the
+    reference (it diverged, or sits on a path that already had). Deleting a wrong token is a
+    necessary deletion; deleting a right one is unnecessary. Tasks with several valid solutions
+    (countdown, gsm8k) are judged against their one reference, so there `unnecessary` is an upper
+    bound. Evaluation reports these; the reward's backtrack component judges drafts instead (above).
+    Returns (necessary, unnecessary)."""
+    stack, ok = [], []   # ok[i]: stack[:i+1] is a prefix of the reference
+    good = bad = 0
+    for t in response:
+        if t == bk_id:
+            if stack:
+                stack.pop()
+                if ok.pop():
+                    bad += 1
+                else:
+                    good += 1
+        else:
+            i = len(stack)
+            ok.append((not ok or ok[-1]) and i < len(reference) and reference[i] == t)
+            stack.append(t)
+    return good, bad
 
 
 def total(components, weights):
@@ -173,10 +200,7 @@ class WeightSchedule:
         return cls(phases)
 
     def at(self, progress):
-        w = self.phases[0][1]
-        for start, ws in self.phases:
-            if progress >= start:
-                w = ws
+        w = phase_at(self.phases, progress)
         return {k: w.get(k, 0.0) for k in COMPONENTS}
 
 

@@ -43,10 +43,10 @@ DPO pairs come from the same kept data: shared prompt + prefix + error, chosen =
 rejected = the rest of the model's own completion after the error. Such pairs only ever say "after
 an error, backtrack"; nothing in them says "after a correct line, do not", and DPO on them alone
 learns to backtrack after every line (on the default arith model, accuracy at T=1 fell from 0.73 to
-0.45). So by default (--keep_pairs) the samples also give the other side: at the first BK that
+0.45). So by default (--needless_pairs) the samples also give the other side: at the first BK that
 deleted a token of a correct prefix, shared = prompt + that correct prefix, chosen = the rest of the
 reference, rejected = the model's own actions from that BK on. Each pair records its kind
-(backtrack | keep).
+(backtrack | needless).
 """
 import json
 import os
@@ -56,10 +56,10 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-from data import Trace, checkpoint_task, get_tokenizer, resolve
-from model import GPT, generate
-from train_dpo import completion_batch, completion_logprobs
-from train_sft import configure, parse_kwargs
+from common import cli, configure, load_model, parse_kwargs
+from data import Trace, completion_batch, resolve
+from model import completion_logprobs, generate
+from tasks import checkpoint_task
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Config:
     max_backtracks: int = -1         # cap while sampling (-1: none; 0: no backtracks, the raw errors)
     divergence: str = "step"         # step | token (see the docstring)
     max_error: int = 8               # K: at most this many error tokens (and BKs) per trace
-    keep_pairs: bool = True          # also DPO pairs against the model's needless deletions (see the docstring)
+    needless_pairs: bool = True         # also DPO pairs against the model's needless deletions (see the docstring)
     filter: bool = True
     filter_score: str = "full"       # full | correction (see the docstring)
     filter_threshold: float = 0.0    # keep a trace when gain > this (nats)
@@ -203,14 +203,14 @@ def pairs_path(out):
 
 
 def main(argv=None):
-    cfg = configure(Config(), sys.argv[1:] if argv is None else argv)
+    cfg = Config()
+    configure(cfg, sys.argv[1:] if argv is None else argv)
     assert cfg.divergence in ("step", "token"), f"divergence must be step | token, not {cfg.divergence!r}"
     torch.manual_seed(cfg.seed)
     if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
         raise SystemExit(f"error: no checkpoint at --ckpt={cfg.ckpt!r}")
-    model = GPT.from_pretrained(cfg.ckpt, device=cfg.device)
-    meta = getattr(model, "meta", {})
-    tok = get_tokenizer(model.config.tokenizer)
+    model, tok = load_model(cfg.ckpt, device=cfg.device)
+    meta = model.meta
     task_name, task_kwargs, task = checkpoint_task(meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
     policy = cfg.policy or meta.get("policy", "rewind")
@@ -223,7 +223,7 @@ def main(argv=None):
     t0 = time.time()
     jobs = [(p, tok.encode(task.prompt(p))) for p in problems for _ in range(cfg.samples)]
     stats = dict(samples=len(jobs), correct=0, wrong=0)
-    cands, keep_pairs, seen = [], [], set()
+    cands, needless_pairs, seen = [], [], set()
     cap = None if cfg.max_backtracks < 0 else cfg.max_backtracks
     for s in range(0, len(jobs), cfg.batch_size):
         part = jobs[s:s + cfg.batch_size]
@@ -232,18 +232,18 @@ def main(argv=None):
                         seed=cfg.seed * 1_000_003 + s)
         for (p, prompt), o in zip(part, outs):
             resolved = o["resolved"]
-            if cfg.keep_pairs:  # correct or not, a sample may have deleted a correct token
+            if cfg.needless_pairs:  # correct or not, a sample may have deleted a correct token
                 reference = tok.encode(p["solution"]) + [tok.eot_id]
                 hit = needless_deletion(o["response"], reference, tok.bk_id)
                 if hit is not None:
                     j, k = hit
                     q = dict(prompt=prompt, prefix=reference[:j], chosen=reference[j:], rejected=o["response"][k:],
-                             question=p["question"], kind="keep")
+                             question=p["question"], kind="needless")
                     key = (tuple(prompt), tuple(q["prefix"]), tuple(q["rejected"]))
                     if key not in seen and len(prompt) + j + max(len(q["chosen"]), len(q["rejected"])) \
                             <= model.config.block_size:
                         seen.add(key)
-                        keep_pairs.append(q)
+                        needless_pairs.append(q)
             if task.verify(tok.decode([t for t in resolved if t != tok.eot_id]), p):
                 stats["correct"] += 1
                 continue
@@ -287,15 +287,15 @@ def main(argv=None):
                                          chosen=[tok.bk_id] * c["n_err"] + c["correction"],
                                          rejected=c["rejected"], kind="backtrack", **m)) + "\n")
                 n_pairs += 1
-        for q in keep_pairs:
+        for q in needless_pairs:
             fp.write(json.dumps(q) + "\n")
-    stats.update(traces=n_traces, pairs=n_pairs, keep_pairs=len(keep_pairs), seconds=round(time.time() - t0, 1))
+    stats.update(traces=n_traces, pairs=n_pairs, needless_pairs=len(needless_pairs), seconds=round(time.time() - t0, 1))
     print(json.dumps(stats))
-    print(f"wrote {n_traces} traces to {cfg.out} and {n_pairs + len(keep_pairs)} DPO pairs to {pairs_out}")
+    print(f"wrote {n_traces} traces to {cfg.out} and {n_pairs + len(needless_pairs)} DPO pairs to {pairs_out}")
     with open(os.path.splitext(cfg.out)[0] + ".stats.json", "w") as f:
         json.dump(dict(config=asdict(cfg), **stats), f, indent=1)
     return stats
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

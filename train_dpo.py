@@ -31,16 +31,16 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import Trace, checkpoint_task, collate, get_tokenizer, layout, read_jsonl
-from model import action_logprobs, read_json
-from train_sft import (JsonlLog, all_reduce_sum, build_model, end_step, finish, lr_at,
-                       make_optimizer, parse_kwargs, restore, save_checkpoint, start_run, wrap)
+from common import (JsonlLog, all_reduce_sum, cli, end_step, eval_and_log, finish, freeze_all_but_bk, load_policy,
+                    lr_at, make_optimizer, parse_kwargs, restore, save_checkpoint, start_run, wrap)
+from data import Trace, collate, completion_batch, layout
+from model import completion_logprobs
+from tasks import checkpoint_task, read_jsonl
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
-    embedding_only: bool = False      # read by train_sft.make_optimizer; DPO trains the whole model
+    embedding_only: bool = False      # train only the backtrack token's rows (research notes 5.4)
     # evaluation and logging
     eval_interval: int = 100
     eval_at_start: bool = True        # evaluate the initial checkpoint too (the 'before' numbers)
@@ -84,32 +84,7 @@ class Config:
     progress: bool = True
 
 # -----------------------------------------------------------------------------
-# scoring completions: the one place that decides which actions count
-
-
-def completion_batch(traces, starts, bk_id, policy, max_backtracks=None, device="cpu"):
-    """Collate traces so that only their completions carry weight: in trace i, the actions of
-    response tokens starts[i].. have weight 1; the shared response prefix before them has weight 0
-    (the prompt is never an action). mask_errors=False: an error token in a completion is the
-    model's own choice and is scored like any other."""
-    lays = []
-    for t, s in zip(traces, starts):
-        L = layout(t, bk_id, policy, mask_errors=False, max_backtracks=max_backtracks)
-        # the layout has one action per response token, in order; the mask below relies on it
-        assert len(L["tgt"]) == len(t.response) and 0 <= s <= len(t.response)
-        L["weight"] = [float(i >= s) for i in range(len(L["tgt"]))]
-        lays.append(L)
-    return collate(lays, device=device)
-
-
-def completion_logprobs(model, batch):
-    """Sum of log-probs over each row's completion actions (weight 1): (B,). The shared prefix
-    contributes exactly nothing, even where its log-prob is -inf (a banned token)."""
-    lp = action_logprobs(model, batch)
-    w = batch["weight"] > 0
-    lp = torch.where(w, lp, torch.zeros_like(lp))
-    B = batch["ids"].shape[0]
-    return torch.zeros(B, device=lp.device, dtype=lp.dtype).index_add(0, batch["act_row"], lp)
+# pairs: only the completions are scored (data.completion_batch, model.completion_logprobs)
 
 
 def pair_batch(pairs, bk_id, policy, device="cpu"):
@@ -208,27 +183,11 @@ def reference_logprobs(model, pairs, bk_id, policy, batch_size, device):
 # -----------------------------------------------------------------------------
 
 
-def load_model(path, cfg, device):
-    """The model at `path` (a checkpoint of this project), its tokenizer and its meta."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        hint = "nothing to resume" if cfg.init_from == "resume" else "train one first (python train_sft.py)"
-        raise SystemExit(f"error: no checkpoint at {path!r}: {hint}")
-    meta = read_json(os.path.join(path, "config.json"))
-    if meta.get("format") != "backtrack-gpt":
-        raise SystemExit(f"error: {path} is not a checkpoint of this project: DPO starts from a model "
-                         "that already knows the backtrack token")
-    tok = get_tokenizer(meta["config"]["tokenizer"])
-    ns = SimpleNamespace(init_from=path, out_dir=cfg.out_dir, tokenizer=meta["config"]["tokenizer"],
-                         bk_init="description", seed=cfg.seed, dropout=0.0)  # no dropout: ref and policy agree at step 0
-    model, meta = build_model(ns, tok, device)
-    return model.to(device), tok, meta
-
-
 def main(argv=None):
     cfg, ddp, rank, world, device = start_run(Config(), argv)
     master = rank == 0
     resuming = cfg.init_from == "resume"
-    model, tok, init_meta = load_model(cfg.out_dir if resuming else cfg.init_from, cfg, device)
+    model, tok, init_meta = load_policy(cfg.out_dir if resuming else cfg.init_from, device, "DPO")
     ref_path = init_meta.get("dpo_reference", cfg.init_from) if resuming else cfg.init_from
     task_name, task_kwargs, task = checkpoint_task(init_meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
@@ -247,7 +206,7 @@ def main(argv=None):
         if ref["pairs_hash"] != phash:
             raise SystemExit(f"error: {cfg.pairs_file} is not the pairs file this run started with")
     else:
-        ref_model = model if not resuming else load_model(ref_path, cfg, device)[0]
+        ref_model = model if not resuming else load_policy(ref_path, device, "DPO")[0]
         ref_c, ref_r = reference_logprobs(ref_model, pairs, tok.bk_id, policy, 2 * cfg.batch_size, device)
         ref = dict(chosen=ref_c.cpu(), rejected=ref_r.cpu(), pairs_hash=phash, reference=ref_path)
         del ref_model
@@ -255,6 +214,8 @@ def main(argv=None):
             torch.save(ref, ref_file)  # GPT.save carries it into every later checkpoint folder
     ref_c, ref_r = ref["chosen"].to(device), ref["rejected"].to(device)
 
+    if cfg.embedding_only:
+        freeze_all_but_bk(model, tok.bk_id)
     optimizer = make_optimizer(model, cfg)
     start = restore(optimizer, cfg, resuming, master)
     raw = model
@@ -268,13 +229,7 @@ def main(argv=None):
         print(f"model: {raw.num_params() / 1e6:.2f}M parameters | reference {ref_path} | {len(pairs)} pairs | "
               f"loss={cfg.loss_type} beta={cfg.beta} | global batch {global_size} pairs | policy={policy} | world {world}")
 
-    def run_eval(step):
-        from evaluate import held_out_eval
-        res = held_out_eval(raw, tok, task, held_out, policy, cfg.eval_temperature, max_new_tokens, cfg.seed)
-        log(step=step, **res)
-        tqdm.write(f"step {step}: held-out acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "
-                   f"{res['eval/t1/acc']:.3f} | bk/sample T={cfg.eval_temperature} {res['eval/t1/bk_per_sample']:.2f}")
-        return res
+    run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, policy, cfg, log, max_new_tokens)
 
     if master and cfg.eval_at_start and start == 0 and cfg.eval_interval > 0:
         run_eval(0)
@@ -331,4 +286,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

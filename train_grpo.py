@@ -28,16 +28,16 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
-from data import Trace, checkpoint_task, collate, get_tokenizer, layout
-from model import GPT, action_logprobs, generate, read_json, unwrap
+from common import (JsonlLog, all_reduce_sum, cli, end_step, eval_and_log, finish, freeze_all_but_bk, load_policy, lr_at,
+                    make_optimizer, parse_kwargs, reduce_dict, restore, save_checkpoint, start_run, wrap)
+from data import Trace, collate, layout
+from model import GPT, action_logprobs, generate, unwrap
 from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
-from train_sft import (JsonlLog, all_reduce_sum, build_model, end_step, finish, lr_at,
-                       make_optimizer, parse_kwargs, restore, save_checkpoint, start_run, wrap)
+from tasks import checkpoint_task
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
-    embedding_only: bool = False     # read by train_sft.make_optimizer; GRPO trains the whole model
+    embedding_only: bool = False     # train only the backtrack token's rows (research notes 5.4)
     # evaluation and logging
     eval_interval: int = 50
     eval_at_start: bool = True       # evaluate the initial checkpoint too (the 'before' numbers)
@@ -193,25 +193,6 @@ def rollout_logprobs(model, batch, cfg):
 # -----------------------------------------------------------------------------
 
 
-def load_init(cfg, device):
-    """The starting model, its tokenizer and the SFT checkpoint's meta (task, policy)."""
-    path = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        hint = ("nothing to resume" if cfg.init_from == "resume" else
-                "train one first (python train_sft.py) or pass --init_from=/path/to/sft_checkpoint")
-        raise SystemExit(f"error: no checkpoint at {path!r}: {hint}")
-    meta = read_json(os.path.join(path, "config.json"))
-    if meta.get("format") != "backtrack-gpt":
-        raise SystemExit(f"error: {path} is not a checkpoint of this project (train_sft.py writes one); "
-                         "GRPO starts from a model that already knows the backtrack token")
-    tok = get_tokenizer(meta["config"]["tokenizer"])
-    # dropout is off: the rollout and the recompute must see the same network
-    ns = SimpleNamespace(init_from=path, out_dir=cfg.out_dir, tokenizer=meta["config"]["tokenizer"],
-                         bk_init="description", seed=cfg.seed, dropout=0.0)
-    model, meta = build_model(ns, tok, device)
-    return model.to(device), tok, meta
-
-
 def main(argv=None):
     cfg, ddp, rank, world, device = start_run(Config(), argv)
     master = rank == 0
@@ -219,8 +200,10 @@ def main(argv=None):
         raise SystemExit(f"error: prompts_per_step={cfg.prompts_per_step} must divide among {world} processes")
     if cfg.group_size < 2:
         raise SystemExit("error: group_size must be at least 2: advantages are relative to the group")
-    model, tok, init_meta = load_init(cfg, device)
     resuming = cfg.init_from == "resume"
+    model, tok, init_meta = load_policy(cfg.out_dir if resuming else cfg.init_from, device, "GRPO")
+    if cfg.embedding_only:
+        freeze_all_but_bk(model, tok.bk_id)
     sft_path = init_meta.get("sft_checkpoint", cfg.init_from) if resuming else cfg.init_from
     task_name, task_kwargs, task = checkpoint_task(init_meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
@@ -247,15 +230,8 @@ def main(argv=None):
         print(f"model: {raw.num_params() / 1e6:.2f}M parameters | from {sft_path} | task={task_name} policy={policy} | "
               f"{cfg.prompts_per_step} prompts x {G} completions per step | loss={cfg.loss_type} | world {world}")
 
-    def run_eval(step):
-        from evaluate import held_out_eval
-        res = held_out_eval(raw, tok, task, held_out, policy, cfg.eval_temperature, cfg.max_new_tokens, cfg.seed,
-                            max_backtracks=cfg.max_backtracks)
-        log(step=step, **res)
-        tqdm.write(f"step {step}: held-out acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "
-                   f"{res['eval/t1/acc']:.3f} | bk/sample greedy {res['eval/greedy/bk_per_sample']:.2f} "
-                   f"T={cfg.eval_temperature} {res['eval/t1/bk_per_sample']:.2f}")
-        return res
+    run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, policy, cfg, log, cfg.max_new_tokens,
+                                         cfg.max_backtracks)
 
     if master and cfg.eval_at_start and start == 0 and cfg.eval_interval > 0:
         run_eval(0)
@@ -342,36 +318,37 @@ def main(argv=None):
 
         # 4. metrics, summed over processes
         done = step + 1
-        comp = {k: torch.tensor([float(r[k]) for r in rows], dtype=torch.float64) for k in COMPONENTS}
-        zero_std = (rewards.view(-1, G).std(1) < 1e-8).double()
-        local = [rewards.sum(), (rewards ** 2).sum(), float(len(rows)), zero_std.sum(), float(len(zero_std)),
-                 float(lengths.sum()), float(truncated.sum()), sum(r["n_bk"] for r in rows),
-                 sum(r["n_bk"] > 0 for r in rows), sum(r["over_budget"] for r in rows),
-                 sum(r["outcome"] == 1.0 for r in rows), stats["loss"], stats["kl"], stats["clip_low"],
-                 stats["clip_high"], stats["tokens"]]
-        local += [sum(r[k] for r in rows) for k in ("fixed", "failed", "unnecessary")]
-        local += [x for k in COMPONENTS for x in (comp[k].sum(), (comp[k] ** 2).sum())]
-        g = all_reduce_sum(torch.tensor([float(x) for x in local], dtype=torch.float64), ddp).tolist()
-        (rs, rs2, n, zs, ng, ln, tr, nbk, hasbk, over, acc, lsum, klsum, clo, chi, ntok), g = g[:16], g[16:]
-        (fixed, failed, unnecessary), cs = g[:3], g[3:]
-        std = lambda s, s2: math.sqrt(max(s2 / n - (s / n) ** 2, 0.0))
-        if not math.isfinite(lsum):
-            raise SystemExit(f"error: loss is {lsum} at step {step}; stopping. The last good checkpoint in "
+        s = dict(n=len(rows), reward=rewards.sum(), reward_sq=(rewards ** 2).sum(),
+                 zero_std_groups=(rewards.view(-1, G).std(1) < 1e-8).sum(), groups=len(rows) // G,
+                 completion_len=lengths.sum(), truncated=truncated.sum(),
+                 bk=sum(r["n_bk"] for r in rows), backtracked=sum(r["n_bk"] > 0 for r in rows),
+                 over_budget=sum(r["over_budget"] for r in rows), acc=sum(r["outcome"] == 1.0 for r in rows),
+                 fixed=sum(r["fixed"] for r in rows), failed=sum(r["failed"] for r in rows),
+                 unnecessary=sum(r["unnecessary"] for r in rows), **stats)
+        for k in COMPONENTS:
+            s[k] = sum(r[k] for r in rows)
+            s[k + "_sq"] = sum(r[k] ** 2 for r in rows)
+        s = reduce_dict(s, ddp)
+        n = s["n"]
+        std = lambda k: math.sqrt(max(s[k + "_sq"] / n - (s[k] / n) ** 2, 0.0))
+        if not math.isfinite(s["loss"]):
+            raise SystemExit(f"error: loss is {s['loss']} at step {step}; stopping. The last good checkpoint in "
                              f"{cfg.out_dir} is untouched.")
         if master and (step % cfg.log_interval == 0 or done == cfg.max_iters):
-            ntok_pass = max(ntok, 1.0)
-            m = dict(step=step, loss=lsum / cfg.num_iterations, lr=lr, budget=budget, weights=weights,
-                     reward_mean=rs / n, reward_std=std(rs, rs2), zero_std_groups=zs / ng,
-                     completion_len=ln / n, truncated=tr / n, bk_per_sample=nbk / n, share_backtracked=hasbk / n,
-                     over_budget=over / n, bk_fixed=fixed / n, bk_failed=failed / n, bk_unnecessary=unnecessary / n,
-                     acc=acc / n, clip_low=clo / ntok_pass, clip_high=chi / ntok_pass,
-                     clip_region=(clo + chi) / ntok_pass, kl=klsum / ntok_pass,
+            ntok = max(s["tokens"], 1.0)
+            m = dict(step=step, loss=s["loss"] / cfg.num_iterations, lr=lr, budget=budget, weights=weights,
+                     reward_mean=s["reward"] / n, reward_std=std("reward"), zero_std_groups=s["zero_std_groups"] / s["groups"],
+                     completion_len=s["completion_len"] / n, truncated=s["truncated"] / n, bk_per_sample=s["bk"] / n,
+                     share_backtracked=s["backtracked"] / n, over_budget=s["over_budget"] / n,
+                     bk_fixed=s["fixed"] / n, bk_failed=s["failed"] / n, bk_unnecessary=s["unnecessary"] / n,
+                     acc=s["acc"] / n, clip_low=s["clip_low"] / ntok, clip_high=s["clip_high"] / ntok,
+                     clip_region=(s["clip_low"] + s["clip_high"]) / ntok, kl=s["kl"] / ntok,
                      rollout_tokens_per_s=gen_tokens * world / max(gen_time, 1e-9), elapsed_s=time.time() - t0)
-            for i, k in enumerate(COMPONENTS):
-                m[f"reward/{k}_mean"] = cs[2 * i] / n
-                m[f"reward/{k}_std"] = std(cs[2 * i], cs[2 * i + 1])
+            for k in COMPONENTS:
+                m[f"reward/{k}_mean"] = s[k] / n
+                m[f"reward/{k}_std"] = std(k)
             log(**m)
-            bar.set_postfix(reward=f"{rs / n:.3f}", acc=f"{acc / n:.3f}", bk=f"{nbk / n:.2f}",
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['acc']:.3f}", bk=f"{m['bk_per_sample']:.2f}",
                             tok_s=f"{m['rollout_tokens_per_s']:.0f}")
         if end_step(done, cfg, master, ddp, lambda: save_checkpoint(model, optimizer, done, cfg, meta), run_eval):
             break
@@ -379,4 +356,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -13,25 +13,25 @@ curriculum's current number), and trains on the layout of the chosen context pol
 `rewind` (the error-hiding tree) or `keep` (plain causal over the raw trace). Error tokens carry no
 loss unless --mask_errors=False.
 
-This file also holds what every training stage shares: config parsing, DDP setup, atomic
-checkpoints with exact resume, and JSONL logging.
+`--max_tokens=N` sets max_iters so that the run trains on about N tokens (backtrack traces are
+longer than clean ones: equal-token comparisons such as ablate.py's use it).
 """
-import ast
 import contextlib
-import hashlib
-import json
-import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from data import (Curriculum, Trace, build_traces, collate, get_task, get_tokenizer, layout, pack, read_jsonl)
-from model import GPT, GPTConfig, init_bk_embedding, padded_vocab, sft_loss, unwrap
+from common import (JsonlLog, all_reduce_sum, build_model, cli, end_step, eval_and_log, finish, freeze_all_but_bk,
+                    lr_at, make_optimizer, parse_kwargs, restore, save_checkpoint, start_run, wrap)
+from data import Curriculum, build_traces, collate, layout, pack, read_traces
+from model import sft_loss
+from tasks import get_task
+from tokenizer import get_tokenizer
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Config:
     batch_size: int = 32             # traces per micro-batch per process
     grad_accum: int = 1
     max_iters: int = 3000
+    max_tokens: int = 0              # > 0: max_iters = about this many training tokens / tokens per step
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_iters: int = 100
@@ -72,6 +73,7 @@ class Config:
     embedding_only: bool = False     # train only the backtrack token's rows (research notes 5.4)
     # evaluation and logging
     eval_interval: int = 500
+    evals: int = 0                   # > 0: evaluate this many times, evenly (overrides eval_interval)
     eval_n: int = 200
     eval_temperature: float = 1.0
     max_new_tokens: int = 96
@@ -87,267 +89,7 @@ class Config:
 
 
 # -----------------------------------------------------------------------------
-# shared run machinery
-
-
-def configure(cfg, argv):
-    """Apply an optional config file (.json or .py) and --key=value overrides to a dataclass.
-    Values are parsed as Python literals where they parse, else kept as strings."""
-    types = {f.name: f.type for f in fields(cfg)}
-    for arg in argv:
-        if not arg.startswith("--"):
-            if not os.path.exists(arg):
-                raise SystemExit(f"error: config file {arg!r} not found")
-            if arg.endswith(".json"):
-                with open(arg) as f:
-                    items = json.load(f).items()
-            else:
-                scope = {}
-                exec(open(arg).read(), {}, scope)
-                items = [(k, v) for k, v in scope.items() if not k.startswith("_")]
-            for k, v in items:
-                _set(cfg, types, k, v, arg)
-            continue
-        if "=" not in arg:
-            raise SystemExit(f"error: argument {arg!r} must look like --key=value")
-        k, v = arg[2:].split("=", 1)
-        try:
-            v = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            pass
-        _set(cfg, types, k, v, arg)
-    return cfg
-
-
-def _set(cfg, types, k, v, where):
-    if k not in types:
-        raise SystemExit(f"error: unknown config key {k!r} (from {where}); known: {', '.join(types)}")
-    t = type(getattr(cfg, k))
-    if t is bool and not isinstance(v, bool):
-        raise SystemExit(f"error: {where}: {k} takes True or False, got {v!r}")
-    if t is float and isinstance(v, int):
-        v = float(v)
-    if t is str and not isinstance(v, str):
-        v = str(v)
-    if not isinstance(v, t):
-        raise SystemExit(f"error: {where}: {k} takes a {t.__name__}, got {v!r}")
-    setattr(cfg, k, v)
-
-
-def parse_kwargs(s):
-    """'steps=3,digits=1' -> {'steps': 3, 'digits': 1}."""
-    out = {}
-    for part in filter(None, s.split(",")):
-        k, _, v = part.partition("=")
-        try:
-            out[k.strip()] = ast.literal_eval(v.strip())
-        except (ValueError, SyntaxError):
-            out[k.strip()] = v.strip()
-    return out
-
-
-def setup_ddp(device):
-    """Returns (ddp, rank, world_size, device). Under torchrun: gloo on CPU, nccl on CUDA."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if not ddp:
-        return False, 0, 1, device
-    import torch.distributed as dist
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return True, rank, world, device
-
-
-def start_run(cfg, argv):
-    """Parse the config, join the process group, print the config and make out_dir (rank 0), seed.
-    Returns (cfg, ddp, rank, world_size, device)."""
-    cfg = configure(cfg, sys.argv[1:] if argv is None else argv)
-    ddp, rank, world, device = setup_ddp(cfg.device)
-    if rank == 0:
-        print(json.dumps(asdict(cfg), indent=1))
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    return cfg, ddp, rank, world, device
-
-
-def all_reduce_sum(x, ddp):
-    if ddp:
-        import torch.distributed as dist
-        dist.all_reduce(x)
-    return x
-
-
-class JsonlLog:
-    """Appends one JSON object per line to out_dir/metrics.jsonl (rank 0 only)."""
-
-    def __init__(self, path, enabled):
-        self.path, self.enabled = path, enabled
-
-    def __call__(self, **kv):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(kv) + "\n")
-
-
-def save_checkpoint(model, optimizer, step, cfg, extra_meta=None):
-    """Model + optimizer + RNG state, written atomically through GPT.save."""
-    raw = unwrap(model)
-    state = dict(optimizer=optimizer.state_dict(), step=step, torch_rng=torch.get_rng_state())
-    meta = dict(step=step, train_config=asdict(cfg), **(extra_meta or {}))
-    raw.save(cfg.out_dir, meta=meta, files={"train_state.pt": state})
-
-
-def load_train_state(path):
-    f = os.path.join(path, "train_state.pt")
-    if not os.path.exists(f):
-        raise SystemExit(f"error: {path} has no train_state.pt to resume from")
-    return torch.load(f, weights_only=False)
-
-
-def lr_at(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at max_iters."""
-    if it < cfg.warmup_iters:
-        return cfg.lr * (it + 1) / cfg.warmup_iters
-    r = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * r)) * (cfg.lr - cfg.min_lr)
-
-
-def make_optimizer(model, cfg):
-    """AdamW; weight decay on matrices only. Embedding-only: just the embedding tables, no decay
-    (decay would shrink the frozen rows), with gradients masked to the backtrack row."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.embedding_only:
-        groups = [dict(params=params, weight_decay=0.0)]
-    else:
-        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
-                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             foreach=not cfg.device.startswith("cpu") or None)
-
-
-def freeze_all_but_bk(model, bk_id):
-    """Embedding-only training: everything frozen except the backtrack token's input/output rows."""
-    raw = unwrap(model)
-    for p in raw.parameters():
-        p.requires_grad_(False)
-    tables = {id(raw.transformer.wte.weight): raw.transformer.wte.weight, id(raw.lm_head.weight): raw.lm_head.weight}
-    for W in tables.values():
-        W.requires_grad_(True)
-        keep = torch.zeros(W.shape[0], 1, device=W.device, dtype=W.dtype)
-        keep[bk_id] = 1.0
-        W.register_hook(lambda g, keep=keep: g * keep)
-
-
-def restore(optimizer, cfg, resuming, master):
-    """When resuming, load the optimizer and RNG state saved with out_dir's checkpoint.
-    Returns the step to start from."""
-    if not resuming:
-        return 0
-    st = load_train_state(cfg.out_dir)
-    optimizer.load_state_dict(st["optimizer"])
-    torch.set_rng_state(st["torch_rng"])
-    if master:
-        print(f"resuming from {cfg.out_dir} at step {st['step']}")
-    return st["step"]
-
-
-def wrap(model, cfg, ddp):
-    """torch.compile and DDP around the model; the unwrapped model is what gets saved."""
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model)
-    return model
-
-
-def end_step(done, cfg, master, ddp, save, evaluate):
-    """After an optimizer step: save and evaluate on schedule (rank 0), keep ranks together.
-    Returns True when the run stops here (stop_at, as if interrupted)."""
-    stopping = done == cfg.stop_at
-    if master and (done % cfg.save_interval == 0 or done == cfg.max_iters or stopping):
-        save()
-    if master and cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
-        evaluate(done)
-    if ddp:
-        import torch.distributed as dist
-        dist.barrier()
-    return stopping
-
-
-def finish(raw, cfg, ddp, world, log, master, steps, t0):
-    """End a run. Under DDP every rank must hold the same weights: exact hashes are compared and logged."""
-    if ddp:
-        import torch.distributed as dist
-        hashes = [None] * world
-        dist.all_gather_object(hashes, weights_hash(raw))
-        log(step=cfg.max_iters, rank_weight_hashes=hashes)
-        if master and len(set(hashes)) != 1:
-            print(f"warning: ranks hold different weights: {hashes}", file=sys.stderr)
-        dist.destroy_process_group()
-    if master:
-        print(f"done: {steps} steps in {time.time() - t0:.1f}s; checkpoint in {cfg.out_dir}")
-
-
-def weights_hash(model):
-    h = hashlib.sha256()
-    for p in unwrap(model).state_dict().values():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-# -----------------------------------------------------------------------------
-# model setup
-
-
-def build_model(cfg, tok, device):
-    """Returns (model, meta) for cfg.init_from; the tokenizer must match the checkpoint."""
-    if cfg.init_from == "scratch":
-        mc = GPTConfig(block_size=cfg.block_size, vocab_size=padded_vocab(tok.n_vocab), n_layer=cfg.n_layer,
-                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, tokenizer=cfg.tokenizer,
-                       n_vocab=tok.n_vocab, eot_id=tok.eot_id, bk_id=tok.bk_id)
-        return GPT(mc), {}
-    path = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
-    model = GPT.from_pretrained(path)
-    c = model.config
-    fresh_bk = getattr(model, "meta", {}).get("format") != "backtrack-gpt"
-    if fresh_bk:  # a Hugging Face model: the backtrack token is new to it
-        c.tokenizer = cfg.tokenizer
-        if (tok.bk_id, tok.eot_id) != (c.bk_id, c.eot_id) and tok.bk_id >= c.vocab_size:
-            raise SystemExit(f"error: tokenizer {cfg.tokenizer!r} (bk id {tok.bk_id}) does not fit {path} "
-                             f"(vocab {c.vocab_size})")
-        c.bk_id, c.eot_id, c.n_vocab = tok.bk_id, tok.eot_id, max(tok.n_vocab, c.n_vocab)
-        init_bk_embedding(model, tok, method=cfg.bk_init, seed=cfg.seed)
-    elif (tok.bk_id, tok.eot_id) != (c.bk_id, c.eot_id):
-        raise SystemExit(f"error: --tokenizer={cfg.tokenizer} has bk/eot ids ({tok.bk_id}, {tok.eot_id}) but "
-                         f"{path}/config.json records ({c.bk_id}, {c.eot_id})")
-    if cfg.dropout != c.dropout:
-        c.dropout = cfg.dropout
-        for mod in model.modules():
-            if hasattr(mod, "dropout"):
-                mod.dropout = cfg.dropout
-    return model.train(), getattr(model, "meta", {})
-
-# -----------------------------------------------------------------------------
 # data
-
-
-def load_traces_file(path):
-    """JSONL lines {"prompt": [ids], "response": [ids]}; errors name the file and line."""
-    try:
-        rows = read_jsonl(path)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    out = []
-    for i, d in rows:
-        try:
-            out.append(Trace([int(x) for x in d["prompt"]], [int(x) for x in d["response"]]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise SystemExit(f"error: {path}:{i}: not a trace line ({e!r})")
-    if not out:
-        raise SystemExit(f"error: {path} holds no traces")
-    return out
 
 
 def global_batch(step, cfg, tok, task, pool, extra, max_bk, size):
@@ -383,6 +125,18 @@ def micro_batches(traces, cfg, tok, rank, world, max_bk, device):
         out.append(collate(lays, device=device))
     return out
 
+
+def tokens_per_step(cfg, tok, task, pool, extra=None):
+    """Mean training tokens (fed nodes) of one global batch of one process, measured on batches drawn
+    early, midway and late in the curriculum."""
+    cur = Curriculum.from_string(cfg.curriculum)
+    n = []
+    for step, progress in enumerate((0.1, 0.5, 0.9)):
+        traces = global_batch(step, cfg, tok, task, pool, extra, cur.max_backtracks(progress),
+                              cfg.batch_size * cfg.grad_accum)
+        n.append(sum(b["n_tokens"] for b in micro_batches(traces, cfg, tok, 0, 1, 0, "cpu")))
+    return sum(n) / len(n)
+
 # -----------------------------------------------------------------------------
 
 
@@ -403,7 +157,13 @@ def main(argv=None):
     global_size = cfg.batch_size * cfg.grad_accum * world
     pool = task.problems("train", n=cfg.n_train, seed=cfg.seed)
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
-    extra = load_traces_file(cfg.traces_file) if cfg.traces_file else None
+    extra = read_traces(cfg.traces_file, tok.n_vocab) if cfg.traces_file else None
+    if cfg.max_tokens > 0:   # equal-token budgets: longer traces get fewer steps
+        cfg.max_iters = max(1, round(cfg.max_tokens / (tokens_per_step(cfg, tok, task, pool, extra) * world)))
+    if cfg.evals > 0:
+        cfg.eval_interval = max(1, cfg.max_iters // cfg.evals)
+    if master and (cfg.max_tokens > 0 or cfg.evals > 0):
+        print(f"max_iters={cfg.max_iters} eval_interval={cfg.eval_interval}")
     curriculum = Curriculum.from_string(cfg.curriculum)
     log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
     meta = dict(task=cfg.task, task_kwargs=task_kwargs, policy=cfg.policy, max_new_tokens=cfg.max_new_tokens, stage="sft")
@@ -412,13 +172,7 @@ def main(argv=None):
         print(f"model: {raw.num_params() / 1e6:.2f}M parameters | global batch {global_size} traces | "
               f"policy={cfg.policy} mask_errors={cfg.mask_errors} | world {world}")
 
-    def run_eval(step):
-        from evaluate import held_out_eval
-        res = held_out_eval(raw, tok, task, held_out, cfg.policy, cfg.eval_temperature, cfg.max_new_tokens, cfg.seed)
-        log(step=step, **res)
-        tqdm.write(f"step {step}: acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "
-                   f"{res['eval/t1/acc']:.3f} | bk/sample {res['eval/t1/bk_per_sample']:.2f}")
-        return res
+    run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, cfg.policy, cfg, log, cfg.max_new_tokens)
 
     bar = tqdm(range(start, cfg.max_iters), disable=not (master and cfg.progress), desc="sft", dynamic_ncols=True)
     t0, tokens, done = time.time(), 0, start
@@ -460,6 +214,5 @@ def main(argv=None):
     finish(raw, cfg, ddp, world, log, master, done - start, t0)
 
 
-
 if __name__ == "__main__":
-    main()
+    cli(main)

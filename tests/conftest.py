@@ -3,5 +3,4 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED = os.path.join(ROOT, "..", "shared")
-FIXTURES = os.path.join(SHARED, "fixtures")
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")   # tiny Hugging Face checkpoints (make_fixtures.py)

@@ -56,15 +56,11 @@ def test_random_response_is_a_valid_rewind_trace():
 
 
 def test_configure():
-    saved = dict(quick=bench.quick, device=bench.device, rewind_lengths=bench.rewind_lengths, p_bk=bench.p_bk)
-    try:
-        bench.configure(["--quick=True", "--device=cpu", "--rewind_lengths=[8, 16]", "--p_bk=0"])
-        assert bench.quick is True and bench.device == "cpu"
-        assert bench.rewind_lengths == (8, 16) and bench.p_bk == 0
-        with pytest.raises(AssertionError):
-            bench.configure(["--no_such_key=1"])
-        with pytest.raises(AssertionError):
-            bench.configure(["--quick=maybe"])
-    finally:
-        for k, v in saved.items():
-            setattr(bench, k, v)
+    cfg = bench.Config()
+    bench.configure(cfg, ["--quick=True", "--device=cpu", "--rewind_lengths=[8, 16]", "--p_bk=0"])
+    assert cfg.quick is True and cfg.device == "cpu"
+    assert cfg.rewind_lengths == (8, 16) and cfg.p_bk == 0
+    with pytest.raises(SystemExit):
+        bench.configure(cfg, ["--no_such_key=1"])
+    with pytest.raises(SystemExit):
+        bench.configure(cfg, ["--quick=maybe"])

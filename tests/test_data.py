@@ -9,23 +9,25 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import data
-from data import BK, ERROR, KEEP, resolve, roles
-from conftest import SHARED
+import tasks
+import tokenizer
+from data import BK, ERROR, FINAL, resolve, roles
+from conftest import ROOT
 
-GSM8K_DIR = os.path.join(SHARED, "data", "gsm8k")
-EXAMPLES = os.path.join(GSM8K_DIR, "example_model_solutions.jsonl")
+GSM8K_DIR = os.path.join(ROOT, "assets", "gsm8k")
+EXAMPLES = os.path.join(GSM8K_DIR, "example_model_solutions.jsonl.gz")
 BKID = 9  # small alphabets make collisions (and so interesting traces) likely
 FAST = settings(max_examples=60, deadline=None)
 
 
 @pytest.fixture(scope="module")
 def byte_tok():
-    return data.Tokenizer("byte")
+    return tokenizer.Tokenizer("byte")
 
 
 @pytest.fixture(scope="module")
 def gpt2_tok():
-    return data.Tokenizer("gpt2")
+    return tokenizer.Tokenizer("gpt2")
 
 
 def reference_resolve(ids, bk):
@@ -63,7 +65,7 @@ def test_resolve_matches_reference(ids):
 def test_roles_consistent_with_resolve(ids):
     r = roles(ids, BKID)
     assert len(r) == len(ids)
-    assert [t for t, x in zip(ids, r) if x == KEEP] == resolve(ids, BKID)
+    assert [t for t, x in zip(ids, r) if x == FINAL] == resolve(ids, BKID)
     assert all((x == BK) == (t == BKID) for t, x in zip(ids, r))
     # each ERROR is undone by exactly one BK: errors = BKs that found something to delete
     effective = len([t for t in ids if t != BKID]) - len(resolve(ids, BKID))
@@ -132,7 +134,7 @@ def _check_traces(tok, task, problems, traces):
     for t, p in zip(traces, problems):
         clean = tok.encode(p["solution"]) + [tok.eot_id]
         assert resolve(t.response, tok.bk_id) == clean
-        assert tok.decode(resolve(t.response, tok.bk_id)) == p["solution"] + data.EOT_TEXT
+        assert tok.decode(resolve(t.response, tok.bk_id)) == p["solution"] + tokenizer.EOT_TEXT
         assert t.prompt == tok.encode(task.prompt(p))
         assert t.response[-1] == tok.eot_id and tok.eot_id not in t.response[:-1]
 
@@ -143,7 +145,7 @@ def test_build_traces_resolve_after_tokenization(tokname, augment, byte_tok, gpt
     tok = byte_tok if tokname == "byte" else gpt2_tok
     rng = random.Random(1)
     for name in ("arith", "countdown", "gsm8k"):
-        task = data.get_task(name)
+        task = tasks.get_task(name)
         problems = task.problems("train", n=12, seed=3)
         tr = data.build_traces(tok, task, problems, rng, backtrack_ratio=0.75, max_backtracks=6, augment=augment)
         _check_traces(tok, task, problems, tr)
@@ -154,7 +156,7 @@ def test_build_traces_resolve_after_tokenization(tokname, augment, byte_tok, gpt
 
 
 def test_build_traces_caps(byte_tok):
-    task = data.get_task("arith")
+    task = tasks.get_task("arith")
     problems = task.problems("train", n=20)
     tr = data.build_traces(byte_tok, task, problems, random.Random(0), backtrack_ratio=1.0, max_backtracks=0)
     assert all(byte_tok.bk_id not in t.response for t in tr)
@@ -164,16 +166,16 @@ def test_build_traces_caps(byte_tok):
 
 
 def test_build_traces_uses_given_wrong_solutions(byte_tok):
-    task = data.get_task("arith")
+    task = tasks.get_task("arith")
     p = dict(task.problems("train", n=1)[0])
     p["wrong"] = p["solution"].replace("=", "=1", 1)
     tr = data.build_traces(byte_tok, task, [p], random.Random(0), backtrack_ratio=1.0, augment="lcs")
     assert tr[0].meta["augment"] == "lcs" and tr[0].response.count(byte_tok.bk_id) == 1
-    assert byte_tok.decode(tr[0].response).count("=1" + data.BK_TEXT) == 1
+    assert byte_tok.decode(tr[0].response).count("=1" + tokenizer.BK_TEXT) == 1
 
 
 def test_lcs_on_real_model_solutions(gpt2_tok):
-    pairs = data.example_solution_pairs(EXAMPLES)
+    pairs = tasks.example_solution_pairs(EXAMPLES)
     assert len(pairs) > 3000
     bk = gpt2_tok.bk_id
     for q, wrong, right in pairs[:150]:
@@ -216,20 +218,20 @@ def test_layout_counts_and_masks(prompt, response, train_prompt):
 @pytest.mark.parametrize("text,want", [
     ("so #### 18", "18"), ("#### 1,000", "1000"), ("#### $3.50", "3.5"), ("#### -0", "0"),
     ("#### 42.", "42"), ("#### +7", "7"), ("#### -12.0", "-12"), ("#### 0.50", "0.5"), ("#### .5", "0.5"),
-    ("#### 007", "7"), ("#### -$5", "-5"), ("a #### 3\n#### 4", "4"), ("#### 5" + data.EOT_TEXT + "#### 6", "5"),
+    ("#### 007", "7"), ("#### -$5", "-5"), ("a #### 3\n#### 4", "4"), ("#### 5" + tokenizer.EOT_TEXT + "#### 6", "5"),
     ("#### 5\nmore", "5"), ("no answer", None), ("#### ", None), ("#### 18 dollars", None), ("####\n18", None),
     ("#### 1.2.3", None), (None, None),
 ])
 def test_parse_answer(text, want):
-    assert data.parse_answer(text) == want
+    assert tasks.parse_answer(text) == want
 
 
 def test_arith_verifier_and_steps():
-    task = data.get_task("arith")
+    task = tasks.get_task("arith")
     p = task.problem([3, 5, 2, 7], ["+", "-", "+"])
     assert p["question"] == "3+5-2+7" and p["answer"] == "13"
     assert p["solution"] == "3+5=8\n8-2=6\n6+7=13\n#### 13"
-    assert task.verify(p["solution"], p) and task.verify(p["solution"] + data.EOT_TEXT, p)
+    assert task.verify(p["solution"], p) and task.verify(p["solution"] + tokenizer.EOT_TEXT, p)
     assert not task.verify("3+5=8\n8-2=6\n6+7=14\n#### 14", p)
     assert not task.verify("3+5=8\n8-2=6\n6+7=13", p)
     assert task.steps(p["solution"], p) == [True, True, True]
@@ -240,7 +242,7 @@ def test_arith_verifier_and_steps():
 
 
 def test_arith_splits_disjoint_and_deterministic():
-    task = data.get_task("arith")
+    task = tasks.get_task("arith")
     tr, te = task.problems("train", n=3000), task.problems("test")
     assert {p["question"] for p in tr}.isdisjoint(p["question"] for p in te)
     assert len({p["question"] for p in te}) == len(te) == 500
@@ -248,14 +250,14 @@ def test_arith_splits_disjoint_and_deterministic():
     for p in tr[:200]:
         assert task.verify(p["solution"], p) and all(task.steps(p["solution"], p))
     with pytest.raises(ValueError):
-        data.build_traces(data.Tokenizer("byte"), task, te[:3], random.Random(0))
-    hard = data.get_task("arith", digits=2, steps=3, ops="+-*")
+        data.build_traces(tokenizer.Tokenizer("byte"), task, te[:3], random.Random(0))
+    hard = tasks.get_task("arith", digits=2, steps=3, ops="+-*")
     for p in hard.problems("train", n=100):
         assert len(p["ops"]) == 3 and hard.verify(p["solution"], p) and 0 <= int(p["answer"]) <= 99
 
 
 def test_countdown_verifier():
-    task = data.get_task("countdown")
+    task = tasks.get_task("countdown")
     p = dict(question="make 24 from 1 3 4 6", answer="24", nums=[1, 3, 4, 6], target=24)
     good = "3/4=(3/4)\n1-(3/4)=(1/4)\n6/(1/4)=24\n#### 24"  # exact rationals
     assert task.verify(good, p) and task.steps(good, p) == [True, True, True]
@@ -272,28 +274,28 @@ def test_countdown_verifier():
     for q in task.problems("train", n=100) + task.problems("test", n=50):
         assert task.verify(q["solution"], q) and all(task.steps(q["solution"], q))
         assert q["target"] not in q["nums"]
-    four = data.get_task("countdown", n_numbers=4)
+    four = tasks.get_task("countdown", n_numbers=4)
     assert all(len(q["nums"]) == 4 and four.verify(q["solution"], q) for q in four.problems("train", n=50))
     assert {q["question"] for q in task.problems("train", n=500)}.isdisjoint(q["question"] for q in task.problems("test"))
 
 
 def test_gsm8k_verifier_and_steps():
-    for calc in ("strip", "keep"):
-        task = data.get_task("gsm8k", calc=calc)
+    for calc in ("strip", "annotated"):
+        task = tasks.get_task("gsm8k", calc=calc)
         ps = task.problems("test")
         assert len(ps) == 1319
         p = ps[0]
         assert p["answer"] == "18" and p["solution"].endswith("\n#### 18")
-        assert ("<<" in p["solution"]) == (calc == "keep")
+        assert ("<<" in p["solution"]) == (calc == "annotated")
         assert task.verify(p["solution"], p) and not task.verify(p["solution"].replace("#### 18", "#### 19"), p)
         assert task.steps(p["solution"], p) == [True, True]
         assert task.prompt(p).startswith("Question: Janet")
-    task = data.get_task("gsm8k")
+    task = tasks.get_task("gsm8k")
     assert task.steps("She has 16 - 3 - 4 = 10 eggs and makes 9 * 2 = $18.\n#### 18", p) == [False, True]
     assert task.steps("<<16-3-4=9>>9 and <<9*2=19>>19\n#### 19", p) == [True, False]
     assert task.steps("about 10 / 3 = 3.33 each, 25% * 80 = 20", p) == [True, True]
     assert task.steps("no arithmetic here\n#### 18", p) == []
-    assert data.get_task("gsm8k").problems("train", n=5, seed=2) == data.get_task("gsm8k").problems("train", n=5, seed=2)
+    assert tasks.get_task("gsm8k").problems("train", n=5, seed=2) == tasks.get_task("gsm8k").problems("train", n=5, seed=2)
 
 
 def _write(path, lines):
@@ -306,33 +308,33 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     bad = str(tmp_path / "train.jsonl")
     _write(bad, [good, good, "{not json"])
     with pytest.raises(ValueError, match=r"train\.jsonl:3: malformed"):
-        data.get_task("gsm8k", data_dir=str(tmp_path)).problems("train")
+        tasks.get_task("gsm8k", data_dir=str(tmp_path)).problems("train")
     _write(bad, [good, json.dumps(dict(question="q"))])
     with pytest.raises(ValueError, match=r"train\.jsonl:2: missing .*'answer'"):
-        data.get_task("gsm8k", path=bad).problems("train")
+        tasks.get_task("gsm8k", path=bad).problems("train")
     _write(bad, [json.dumps(dict(question="q", answer="no final line"))])
     with pytest.raises(ValueError, match=r"train\.jsonl:1: "):
-        data.get_task("gsm8k", path=bad).problems("train")
+        tasks.get_task("gsm8k", path=bad).problems("train")
 
 
 def test_gsm8k_train_never_holds_test_questions(tmp_path):
-    real = data.get_task("gsm8k")
+    real = tasks.get_task("gsm8k")
     train = real.problems("train")
-    test_q = {data.normalize_question(p["question"]) for p in real.problems("test")}
-    assert not any(data.normalize_question(p["question"]) in test_q for p in train)
+    test_q = {tasks.normalize_question(p["question"]) for p in real.problems("test")}
+    assert not any(tasks.normalize_question(p["question"]) in test_q for p in train)
     # a leaked test question (with different spacing and case) is dropped from the training split
-    rows = [json.loads(l) for l in open(os.path.join(GSM8K_DIR, "test.jsonl"))][:3]
+    rows = [r for _, r in tasks.read_jsonl(os.path.join(GSM8K_DIR, "test.jsonl.gz"))][:3]
     leak = dict(rows[1], question="  " + rows[1]["question"].upper().replace(" ", "  "))
     _write(str(tmp_path / "test.jsonl"), [json.dumps(r) for r in rows])
     _write(str(tmp_path / "train.jsonl"), [json.dumps(dict(question="What is 2+2?", answer="2+2=4\n#### 4")),
                                            json.dumps(leak)])
-    task = data.get_task("gsm8k", data_dir=str(tmp_path))
+    task = tasks.get_task("gsm8k", data_dir=str(tmp_path))
     ps = task.problems("train")
     assert [p["answer"] for p in ps] == ["4"] and task.dropped == 1
     # and building training traces from test problems refuses
     with pytest.raises(ValueError, match="test problem"):
-        data.build_traces(data.Tokenizer("byte"), task, task.problems("test")[:1], random.Random(0))
-    data.build_traces(data.Tokenizer("byte"), task, ps, random.Random(0))
+        data.build_traces(tokenizer.Tokenizer("byte"), task, task.problems("test")[:1], random.Random(0))
+    data.build_traces(tokenizer.Tokenizer("byte"), task, ps, random.Random(0))
 
 # -----------------------------------------------------------------------------
 # curriculum

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 
 import self_errors
 import train_dpo
+import model as modellib
 import train_sft
-from data import Trace, collate, get_task, get_tokenizer, layout, resolve
+from data import Trace, collate, layout, read_traces, resolve
 from model import GPT, GPTConfig, action_logprobs
+from tasks import get_task
+from tokenizer import get_tokenizer
 
 TOK = get_tokenizer("byte")
 BK, EOT = TOK.bk_id, TOK.eot_id
@@ -104,8 +107,8 @@ def test_self_errors_main_traces_resolve_to_correct_solutions(tiny_run):
             assert q["chosen"][:q["n_err"]] == [BK] * q["n_err"] and BK not in q["rejected"]
             assert not ARITH.verify(TOK.decode([t for t in q["prefix"] + q["rejected"] if t != EOT]), p)
         else:   # keep: a correct prefix, then the reference (chosen) or the model's needless BK (rejected)
-            assert q["kind"] == "keep" and q["prefix"] + q["chosen"] == ref and q["rejected"][0] == BK
-    assert train_sft.load_traces_file(os.path.join(d, "self_traces.jsonl"))  # what SFT round two reads
+            assert q["kind"] == "needless" and q["prefix"] + q["chosen"] == ref and q["rejected"][0] == BK
+    assert read_traces(os.path.join(d, "self_traces.jsonl"), TOK.n_vocab)  # what SFT round two reads
 
 def test_self_errors_main_with_known_samples(tiny_run, tmp_path, monkeypatch):
     """Samples whose errors are known: a slip (one wrong step, carried on) and a correct answer
@@ -136,13 +139,13 @@ def test_self_errors_main_with_known_samples(tiny_run, tmp_path, monkeypatch):
     with open(str(tmp_path / "self_pairs.jsonl")) as f:
         pairs = [json.loads(l) for l in f]
     kinds = [q["kind"] for q in pairs]
-    assert kinds.count("keep") == stats["keep_pairs"] == len({p["question"] for p in probs})  # one per problem
+    assert kinds.count("needless") == stats["needless_pairs"] == len({p["question"] for p in probs})  # one per problem
     assert kinds.count("backtrack") == stats["pairs"] > 0
     for q in pairs:
         p = next(x for x in probs if x["question"] == q["question"])
         ref = ids(p["solution"]) + [EOT]
         assert resolve(q["prefix"] + q["chosen"], BK) == ref
-        if q["kind"] == "keep":
+        if q["kind"] == "needless":
             assert q["prefix"] == ref[:3] and q["rejected"] == [BK] + ref[2:]
         else:
             assert BK not in q["prefix"] + q["rejected"] and not ARITH.verify(TOK.decode(q["prefix"] + q["rejected"][:-1]), p)
@@ -222,7 +225,7 @@ def test_only_completion_tokens_are_scored(policy, monkeypatch):
     pairs = _pairs()
     batch = train_dpo.pair_batch(pairs, BK, policy)
     with torch.no_grad():
-        got = train_dpo.completion_logprobs(model, batch)
+        got = modellib.completion_logprobs(model, batch)
         # manual: score each full trace, then sum the actions from the end of the shared prefix on
         want = []
         for k in ("chosen", "rejected"):
@@ -233,7 +236,7 @@ def test_only_completion_tokens_are_scored(policy, monkeypatch):
     assert got.tolist() == pytest.approx(want, abs=1e-4)
     # moving the log-prob of any prefix action (even to -inf) leaves the sums as they were;
     # moving a completion action moves its own row by exactly that much
-    real = train_dpo.action_logprobs
+    real = modellib.action_logprobs
     shift = {"prefix": float("-inf"), "first": 0.0}
 
     def patched(m, b, *a, **kw):
@@ -242,11 +245,11 @@ def test_only_completion_tokens_are_scored(policy, monkeypatch):
         first = (b["weight"] > 0).nonzero()[0, 0]    # the first completion action of row 0
         return lp + F.one_hot(first, lp.numel()).to(lp) * shift["first"]
 
-    monkeypatch.setattr(train_dpo, "action_logprobs", patched)
+    monkeypatch.setattr(modellib, "action_logprobs", patched)
     with torch.no_grad():
-        assert train_dpo.completion_logprobs(model, batch).tolist() == pytest.approx(want, abs=1e-4)
+        assert modellib.completion_logprobs(model, batch).tolist() == pytest.approx(want, abs=1e-4)
         shift.update(prefix=100.0, first=1.0)
-        moved = train_dpo.completion_logprobs(model, batch).tolist()
+        moved = modellib.completion_logprobs(model, batch).tolist()
     assert moved == pytest.approx([want[0] + 1.0] + want[1:], abs=1e-4)
 
 

@@ -1,8 +1,10 @@
 """The evaluator's backtrack statistics on hand-built completions."""
 import math
 
-from data import get_task, Tokenizer
-from evaluate import deletion_stats, summarize
+from common import summarize
+from reward import deletion_stats
+from tasks import get_task
+from tokenizer import Tokenizer
 
 BK = 99
 

@@ -2,7 +2,7 @@
 import io
 import re
 
-from data import Tokenizer
+from tokenizer import Tokenizer
 from generate import Printer
 
 

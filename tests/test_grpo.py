@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import train_grpo
-from data import get_task, get_tokenizer
-from model import GPT, GPTConfig, padded_vocab
+from hf import padded_vocab
+from model import GPT, GPTConfig
+from tasks import get_task
+from tokenizer import get_tokenizer
 from reward import (RewardConfig, WeightSchedule, budget_at, draft_ids, score, total)
 from train_grpo import (Config, clipped_objective, group_advantages, kl_k3, recompute_batches, rollout,
                         rollout_logprobs, sequence_weights)

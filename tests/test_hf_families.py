@@ -25,13 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import FIXTURES, ROOT, SHARED
-from data import (BK_TEXT, GPT2_PAT, LLAMA3_PAT, LLAMA3_SPECIALS, QWEN2_PAT, Trace, bytes_to_unicode, chat_ids, chat_prompt,
-                  collate, get_tokenizer, layout, load_ranks, resolve)
+from common import load_model
+from conftest import FIXTURES, ROOT
+from data import Trace, collate, layout, resolve
 from model import GPT, KVCache, generate
+from tokenizer import (BK_TEXT, GPT2_PAT, GPT2_RANKS, LLAMA3_PAT, LLAMA3_SPECIALS, QWEN2_PAT, bytes_to_unicode, chat_ids,
+                       chat_prompt, get_tokenizer, load_ranks)
 
 FAMILIES = ["gpt2", "llama", "qwen2", "qwen3"]
-GPT2_RANKS = os.path.join(SHARED, "assets", "gpt2.tiktoken")
 
 
 def fixture(name):
@@ -94,7 +95,7 @@ def test_rewind_decoding_equals_training_forward(name):
     with torch.no_grad():
         train = m.action_logits(collate([layout(t, bk, "rewind") for t in traces]))
     out = generate(m, [t.prompt for t in traces], policy="rewind", force=[t.response for t in traces],
-                   keep_logits=True)
+                   return_logits=True)
     dec = torch.cat([torch.stack(o["logits"]) for o in out])
     assert train.shape == dec.shape
     assert (train - dec).abs().max().item() < 1e-5
@@ -410,8 +411,8 @@ def test_model_and_tokenizer_agree(tmp_path, name):
         write_hf_bpe(str(tmp_path), n=990, added={"<|endoftext|>": 990, "<|im_start|>": 991, "<|im_end|>": 992},
                      pre_tokenizer=split_then_bytes(QWEN2_PAT), tokenizer_config=dict(eos_token="<|im_end|>"))
         want = dict(eot_id=992, bk_id=993, n_vocab=994)
-    m = GPT.from_pretrained(str(tmp_path))
-    tok = get_tokenizer(m.config.tokenizer)   # the config names the folder, so generate.py finds it
+    m, tok = load_model(str(tmp_path))   # the folder's tokenizer decides eot and BK
+    assert get_tokenizer(m.config.tokenizer).bk_id == tok.bk_id   # the config names the folder, so generate.py finds it
     assert dict(eot_id=m.config.eot_id, bk_id=m.config.bk_id, n_vocab=m.config.n_vocab) == want
     assert (tok.eot_id, tok.bk_id, tok.n_vocab) == (m.config.eot_id, m.config.bk_id, m.config.n_vocab)
     assert m.config.vocab_size == 1000   # the checkpoint's own table, not grown

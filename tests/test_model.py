@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from data import Trace, collate, layout, resolve, Tokenizer
+from data import Trace, collate, layout, resolve
+from tokenizer import Tokenizer
 from model import GPT, GPTConfig, KVCache, action_logprobs, generate, init_bk_embedding
 
 V, EOT, BK = 50, 48, 49
@@ -73,7 +74,7 @@ def test_training_layout_equals_cached_decoding(kind, policy):
         with torch.no_grad():
             train = m.action_logits(batch)
         out = generate(m, [t.prompt for t in traces], policy=policy, force=[t.response for t in traces],
-                       keep_logits=True)
+                       return_logits=True)
         dec = torch.cat([torch.stack(o["logits"]) for o in out])
         assert train.shape == dec.shape
         assert (train - dec).abs().max().item() < 1e-5
@@ -125,8 +126,8 @@ def test_rewind_is_in_place_and_per_row():
     cache.lengths.fill_(10)
     ptrs = (cache.k.data_ptr(), cache.v.data_ptr(), cache.h.data_ptr(), cache.lengths.data_ptr())
     before = (cache.k.clone(), cache.v.clone())
-    cache.rewind(torch.tensor([1]))
-    cache.rewind(torch.tensor([False, False, True]), 3)
+    cache.pop(torch.tensor([1]))
+    cache.pop(torch.tensor([False, False, True]), 3)
     assert cache.lengths.tolist() == [10, 9, 7]
     assert (cache.k.data_ptr(), cache.v.data_ptr(), cache.h.data_ptr(), cache.lengths.data_ptr()) == ptrs
     assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
@@ -178,9 +179,9 @@ def test_batched_generation_matches_one_by_one():
     m = tiny()
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8]]
     forced = [[10, BK, 11, 12, BK, BK, 13], [14, 15], [BK, 16, BK, 17, 18, 19, BK]]
-    both = generate(m, prompts, policy="rewind", force=forced, keep_logits=True)
+    both = generate(m, prompts, policy="rewind", force=forced, return_logits=True)
     for i in range(3):
-        one = generate(m, [prompts[i]], policy="rewind", force=[forced[i]], keep_logits=True)
+        one = generate(m, [prompts[i]], policy="rewind", force=[forced[i]], return_logits=True)
         assert torch.allclose(torch.stack(both[i]["logits"]), torch.stack(one[0]["logits"]), atol=1e-5)
 
 

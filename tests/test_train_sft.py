@@ -10,6 +10,7 @@ import torch
 
 from conftest import ROOT
 import train_sft
+from data import read_traces
 from model import GPT, GPTConfig
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=128", "--n_train=200", "--eval_n=4",
@@ -131,10 +132,25 @@ def test_sft_from_a_hugging_face_gpt2_folder(tmp_path):
 def test_bad_traces_file_names_file_and_line(tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_text('{"prompt": [1], "response": [2]}\n{"prompt": [1]\n')
-    with pytest.raises(SystemExit, match=r"t\.jsonl:2: malformed"):
-        train_sft.load_traces_file(str(p))
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: malformed"):
+        read_traces(str(p), 258)
     p.write_text('{"prompt": [1], "response": [2]}\n\n{"prompt": [1]}\n')
-    with pytest.raises(SystemExit, match=r"t\.jsonl:3: not a trace line"):
-        train_sft.load_traces_file(str(p))
+    with pytest.raises(ValueError, match=r"t\.jsonl:3: not a trace line"):
+        read_traces(str(p), 258)
     p.write_text('{"prompt": [1], "response": [2, 3]}\n')
-    assert train_sft.load_traces_file(str(p))[0].response == [2, 3]
+    assert read_traces(str(p), 258)[0].response == [2, 3]
+
+
+def test_equal_tokens_give_backtrack_traces_fewer_steps():
+    """--max_tokens: backtrack traces are longer than clean ones, so a clean run gets more steps."""
+    from common import configure
+    from tasks import get_task
+    from tokenizer import get_tokenizer
+    tok, task = get_tokenizer("byte"), get_task("arith")
+    pool = task.problems("train", n=2000)
+
+    def tps(*args):
+        cfg = train_sft.Config()
+        configure(cfg, list(args))
+        return train_sft.tokens_per_step(cfg, tok, task, pool)
+    assert tps("--backtrack_ratio=0.0") < tps("--policy=keep")
