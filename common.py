@@ -116,22 +116,98 @@ def setup_ddp(device):
     return True, rank, world, device
 
 
-def start_run(cfg, argv):
-    """Parse the config, join the process group, print the config and make out_dir (rank 0), seed.
-    Returns (cfg, ddp, rank, world_size, device)."""
-    configure(cfg, sys.argv[1:] if argv is None else argv)
+# fields that a resume never takes from the saved run: how this invocation starts and stops
+NOT_RESTORED = ("init_from", "stop_at")
+
+
+def start_run(cfg, argv, check=None):
+    """Parse and check the config, restore a resumed run's saved config, join the process group,
+    print the config and make out_dir (rank 0), seed, and catch SIGINT/SIGTERM so that the run
+    saves at the end of the current step. check(cfg, world_size): a stage's own argument rules, run
+    with the shared ones before anything is written. Returns (cfg, ddp, rank, world_size, device).
+
+    --init_from=resume alone continues a run exactly: every setting comes from the checkpoint's
+    saved config, except those given on this command line, which win (and are named)."""
+    given = configure(cfg, sys.argv[1:] if argv is None else argv)
+    if cfg.init_from == "resume":
+        path = os.path.join(cfg.out_dir, "config.json")
+        if not os.path.isfile(path) or not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
+            raise SystemExit(f"error: nothing to resume in --out_dir={cfg.out_dir}: no checkpoint of a run there")
+        saved = read_json(path).get("train_config", {})
+        names = {f.name for f in fields(cfg)}
+        for k, v in saved.items():
+            if k in names and k not in given and k not in NOT_RESTORED:
+                setattr(cfg, k, tuple(v) if isinstance(getattr(cfg, k), tuple) else v)
+        changed = {k: getattr(cfg, k) for k in given if k in saved and saved[k] != getattr(cfg, k)
+                   and k not in NOT_RESTORED}
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"resuming the run in {cfg.out_dir} with its saved config"
+                  + (f"; overridden on this command line: {changed}" if changed else ""))
+    check_config(cfg)
+    if check is not None:   # the stage's own rules
+        check(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    if cfg.init_from not in ("scratch", "resume") and not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+        raise SystemExit(f"error: --init_from={cfg.init_from}: no checkpoint there (no config.json); expected "
+                         "scratch, resume or a checkpoint folder (train one first: python train_sft.py)")
+    if cfg.init_from != "resume" and os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
+        raise SystemExit(f"error: --out_dir={cfg.out_dir} already holds a run's checkpoint: continue it with "
+                         "--init_from=resume, or choose another --out_dir")
     ddp, rank, world, device = setup_ddp(cfg.device)
     if rank == 0:
         print(json.dumps(asdict(cfg), indent=1))
         os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    STOP["signal"] = None
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _request_stop)
     return cfg, ddp, rank, world, device
 
 
+def check_config(cfg):
+    """Reject settings that cannot work, before any work is done: one line naming the argument.
+    Checks each field a stage has by its name, so every stage shares one set of rules."""
+    def need(ok, k, what):
+        if hasattr(cfg, k) and not ok(getattr(cfg, k)):
+            raise SystemExit(f"error: --{k}={getattr(cfg, k)}: {what}")
+    for k in ("batch_size", "grad_accum", "max_iters", "prompts_per_step", "micro_batch", "n_train", "n_layer",
+              "n_head", "n_embd", "block_size", "log_interval", "save_interval", "num_iterations", "eval_n"):
+        need(lambda v: v >= 1, k, "must be at least 1")
+    for k in ("eval_interval", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip", "beta", "stop_at",
+              "max_tokens", "evals", "sft_weight", "temperature", "eval_temperature", "top_k", "max_new_tokens"):
+        need(lambda v: v >= 0, k, "must be >= 0")
+    for k in ("backtrack_ratio", "traces_ratio", "dropout"):
+        need(lambda v: 0 <= v <= 1, k, "must be between 0 and 1")
+    need(lambda v: 0 < v <= 1, "top_p", "must be in (0, 1]")
+    need(lambda v: v >= 2, "group_size", "must be at least 2: advantages are relative to the group")
+    need(lambda v: v in ("keep", "rewind") or (v == "" and not hasattr(cfg, "mask_errors")), "policy",
+         "expected keep or rewind")
+    need(lambda v: v in ("float32", "bfloat16"), "dtype", "expected float32 or bfloat16")
+    if hasattr(cfg, "traces_file") and bool(cfg.traces_file) != (cfg.traces_ratio > 0):
+        raise SystemExit("error: --traces_file and --traces_ratio go together: a traces file needs "
+                         "--traces_ratio > 0 (the share of each batch drawn from it), and the ratio needs the file")
+    if getattr(cfg, "traces_file", "") and not os.path.isfile(cfg.traces_file):
+        raise SystemExit(f"error: --traces_file={cfg.traces_file}: no such file")
+
+
+STOP = {"signal": None}   # set by the first SIGINT/SIGTERM; the training loop saves and stops after its step
+
+
+def _request_stop(signum, frame):
+    if STOP["signal"] is not None:   # a second Ctrl-C: stop now, without saving
+        raise KeyboardInterrupt
+    STOP["signal"] = signum
+    print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)", file=sys.stderr)
+
+
 def all_reduce_sum(x, ddp):
+    """Sum x over processes, in place (returns it). nccl reduces only CUDA tensors, so a CPU tensor
+    makes the trip through the GPU."""
     if ddp:
         import torch.distributed as dist
-        dist.all_reduce(x)
+        if dist.get_backend() == "nccl" and not x.is_cuda:
+            x.copy_(all_reduce_sum(x.cuda(), ddp).cpu())
+        else:
+            dist.all_reduce(x)
     return x
 
 
@@ -143,10 +219,23 @@ def reduce_dict(d, ddp):
 
 
 class JsonlLog:
-    """Appends one JSON object per line to out_dir/metrics.jsonl (rank 0 only)."""
+    """Appends one JSON object per line to out_dir/metrics.jsonl (rank 0 only). A resumed run first
+    cuts the file back to the lines it had when its checkpoint was saved, so the steps it replays
+    are logged once."""
 
-    def __init__(self, path, enabled):
+    def __init__(self, path, enabled, keep_lines=None):
         self.path, self.enabled = path, enabled
+        if enabled and keep_lines is not None and os.path.exists(path):
+            with open(path) as f:
+                lines = f.readlines()[:keep_lines]
+            with open(path, "w") as f:
+                f.writelines(lines)
+
+    def lines(self):
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            return sum(1 for _ in f)
 
     def __call__(self, **kv):
         if self.enabled:
@@ -154,10 +243,12 @@ class JsonlLog:
                 f.write(json.dumps(kv) + "\n")
 
 
-def save_checkpoint(model, optimizer, step, cfg, extra_meta=None):
-    """Model + optimizer + RNG state, written atomically through GPT.save."""
+def save_checkpoint(model, optimizer, step, cfg, extra_meta=None, log=None):
+    """Model + optimizer + RNG state, written atomically through GPT.save; with the length of the
+    metrics log at this point, so that a resume replays no logged step twice."""
     raw = unwrap(model)
-    state = dict(optimizer=optimizer.state_dict(), step=step, torch_rng=torch.get_rng_state())
+    state = dict(optimizer=optimizer.state_dict(), step=step, torch_rng=torch.get_rng_state(),
+                 metrics_lines=log.lines() if log is not None else None)
     meta = dict(step=step, train_config=asdict(cfg), **(extra_meta or {}))
     raw.save(cfg.out_dir, meta=meta, files={"train_state.pt": state})
 
@@ -205,15 +296,16 @@ def freeze_all_but_bk(model, bk_id):
 
 def restore(optimizer, cfg, resuming, master):
     """When resuming, load the optimizer and RNG state saved with out_dir's checkpoint.
-    Returns the step to start from."""
+    Returns (the step to start from, the metrics log of the run, cut back to that step)."""
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if not resuming:
-        return 0
+        return 0, JsonlLog(path, master)
     st = load_train_state(cfg.out_dir)
     optimizer.load_state_dict(st["optimizer"])
     torch.set_rng_state(st["torch_rng"])
     if master:
         print(f"resuming from {cfg.out_dir} at step {st['step']}")
-    return st["step"]
+    return st["step"], JsonlLog(path, master, keep_lines=st.get("metrics_lines"))
 
 
 def wrap(model, cfg, ddp):
@@ -227,21 +319,30 @@ def wrap(model, cfg, ddp):
 
 
 def end_step(done, cfg, master, ddp, save, evaluate):
-    """After an optimizer step: save and evaluate on schedule (rank 0), keep ranks together.
-    Returns True when the run stops here (stop_at, as if interrupted)."""
-    stopping = done == cfg.stop_at
-    if master and (done % cfg.save_interval == 0 or done == cfg.max_iters or stopping):
-        save()
+    """After an optimizer step: evaluate, then save, on schedule (rank 0), keep ranks together.
+    Returns True when the run stops here: stop_at, or a SIGINT/SIGTERM on any rank (then it saves)."""
+    stop = torch.tensor([float(done == cfg.stop_at or STOP["signal"] is not None)])
+    stopping = bool(all_reduce_sum(stop, ddp).item() > 0)   # every rank stops at the same step
     if master and cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
         evaluate(done)
+    if master and (done % cfg.save_interval == 0 or done == cfg.max_iters or stopping):
+        save()
     if ddp:
         import torch.distributed as dist
         dist.barrier()
     return stopping
 
 
-def finish(raw, cfg, ddp, world, log, master, steps, t0):
-    """End a run. Under DDP every rank must hold the same weights: exact hashes are compared and logged."""
+def progress_bar(cfg, start, master, desc):
+    """The steps still to run, as a tqdm bar that counts from the step a resumed run starts at."""
+    return tqdm(range(start, cfg.max_iters), initial=start, total=cfg.max_iters, desc=desc,
+                disable=not (master and cfg.progress), dynamic_ncols=True)
+
+
+def finish(raw, cfg, ddp, world, log, master, done, start, t0, script, then=""):
+    """End a run: say where the checkpoint went and what to run next (or, when the run stopped early,
+    how to continue it). Under DDP every rank must hold the same weights: exact hashes are compared
+    and logged. A run stopped by SIGINT/SIGTERM exits with status 128 + the signal's number."""
     if ddp:
         import torch.distributed as dist
         hashes = [None] * world
@@ -250,8 +351,14 @@ def finish(raw, cfg, ddp, world, log, master, steps, t0):
         if master and len(set(hashes)) != 1:
             print(f"warning: ranks hold different weights: {hashes}", file=sys.stderr)
         dist.destroy_process_group()
-    if master:
-        print(f"done: {steps} steps in {time.time() - t0:.1f}s; checkpoint in {cfg.out_dir}")
+    if master and done < cfg.max_iters:
+        print(f"stopped at step {done} of {cfg.max_iters}; checkpoint in {cfg.out_dir}. Continue with:\n"
+              f"  python {script} --out_dir={cfg.out_dir} --init_from=resume")
+    elif master:
+        print(f"done: {done - start} steps in {time.time() - t0:.1f}s; checkpoint and metrics.jsonl in {cfg.out_dir}"
+              + (f". Next:\n  {then}" if then else ""))
+    if STOP["signal"] is not None:
+        sys.exit(128 + STOP["signal"])
 
 
 def weights_hash(model):

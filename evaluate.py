@@ -53,16 +53,16 @@ def main(argv=None):
         m, _ = evaluate(model, tok, task, problems, policy, T, max_new_tokens=max_new_tokens, max_backtracks=cap,
                         seed=cfg.seed, progress=True)
         result[label] = m
-    print(f"{cfg.ckpt} | task={name} | policy={policy} | n={len(problems)}")
-    keys = list(next(iter(result.values())).keys())
-    print(f"{'':>10} " + " ".join(f"{k:>17}" for k in keys))
-    for label, m in result.items():
-        print(f"{label:>10} " + " ".join(f"{m[k]:>17.4f}" if isinstance(m[k], float) else f"{m[k]:>17}" for k in keys))
     out = cfg.out or os.path.join(cfg.ckpt, "eval.json")
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(dict(ckpt=cfg.ckpt, task=name, policy=policy, **result), f, indent=2)
     os.replace(tmp, out)   # a crash mid-write never leaves half a file where a good one was
+    print(f"{cfg.ckpt} | task={name} | policy={policy} | n={len(problems)}")
+    keys = list(next(iter(result.values())).keys())
+    print(f"{'':>10} " + " ".join(f"{k:>17}" for k in keys))
+    for label, m in result.items():
+        print(f"{label:>10} " + " ".join(f"{m[k]:>17.4f}" if isinstance(m[k], float) else f"{m[k]:>17}" for k in keys))
     print(f"metrics written to {out}")
 
 

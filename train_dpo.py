@@ -34,10 +34,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common import (JsonlLog, all_reduce_sum, cli, end_step, eval_and_log, finish, freeze_all_but_bk, load_policy,
-                    lr_at, make_optimizer, parse_kwargs, restore, save_checkpoint, start_run, wrap)
+from common import (all_reduce_sum, cli, end_step, eval_and_log, finish, freeze_all_but_bk, load_policy,
+                    lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
 from data import Trace, collate, completion_batch, layout
 from model import completion_logprobs
 from tasks import checkpoint_task, read_jsonl
@@ -217,12 +216,11 @@ def main(argv=None):
     if cfg.embedding_only:
         freeze_all_but_bk(model, tok.bk_id)
     optimizer = make_optimizer(model, cfg)
-    start = restore(optimizer, cfg, resuming, master)
+    start, log = restore(optimizer, cfg, resuming, master)
     raw = model
     model = wrap(model, cfg, ddp)
     global_size = cfg.batch_size * cfg.grad_accum * world
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
-    log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
     meta = dict(task=task_name, task_kwargs=task_kwargs, policy=policy, max_new_tokens=max_new_tokens,
                 stage="dpo", dpo_reference=ref_path)
     if master:
@@ -233,7 +231,10 @@ def main(argv=None):
 
     if master and cfg.eval_at_start and start == 0 and cfg.eval_interval > 0:
         run_eval(0)
-    bar = tqdm(range(start, cfg.max_iters), disable=not (master and cfg.progress), desc="dpo", dynamic_ncols=True)
+    save = lambda step: save_checkpoint(model, optimizer, step, cfg, meta, log)
+    if master and start == 0:
+        save(0)   # a run killed before its first periodic save can still be resumed
+    bar = progress_bar(cfg, start, master, "dpo")
     t0, done = time.time(), start
     per_rank = global_size // world
     per_micro = per_rank // cfg.grad_accum
@@ -280,9 +281,10 @@ def main(argv=None):
                 "rewards/chosen": rc, "rewards/rejected": rr, "rewards/margins": rc - rr, "rewards/accuracies": acc,
                 "logps/chosen": lc, "logps/rejected": lr_}, elapsed_s=time.time() - t0)
             bar.set_postfix(loss=f"{l:.4f}", margin=f"{rc - rr:.3f}", acc=f"{acc:.2f}")
-        if end_step(done, cfg, master, ddp, lambda: save_checkpoint(model, optimizer, done, cfg, meta), run_eval):
+        if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break
-    finish(raw, cfg, ddp, world, log, master, done - start, t0)
+    finish(raw, cfg, ddp, world, log, master, done, start, t0, "train_dpo.py",
+           then=f"python evaluate.py --ckpt={cfg.out_dir}   or   python generate.py --ckpt={cfg.out_dir} --prompt ...")
 
 
 if __name__ == "__main__":

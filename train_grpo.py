@@ -30,10 +30,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from common import (JsonlLog, all_reduce_sum, cli, end_step, eval_and_log, finish, freeze_all_but_bk, load_policy, lr_at,
-                    make_optimizer, parse_kwargs, reduce_dict, restore, save_checkpoint, start_run, wrap)
+from common import (all_reduce_sum, cli, end_step, eval_and_log, finish, freeze_all_but_bk, load_policy, lr_at,
+                    make_optimizer, parse_kwargs, progress_bar, reduce_dict, restore, save_checkpoint, start_run, wrap)
 from data import Trace, collate, layout
 from model import GPT, action_logprobs, generate, unwrap
 from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
@@ -193,13 +192,20 @@ def rollout_logprobs(model, batch, cfg):
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    cfg, ddp, rank, world, device = start_run(Config(), argv)
-    master = rank == 0
+def check_args(cfg, world):
     if cfg.prompts_per_step % world or cfg.prompts_per_step < world:
-        raise SystemExit(f"error: prompts_per_step={cfg.prompts_per_step} must divide among {world} processes")
-    if cfg.group_size < 2:
-        raise SystemExit("error: group_size must be at least 2: advantages are relative to the group")
+        raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must divide among {world} processes")
+    if cfg.max_new_tokens < 1 or cfg.temperature <= 0:
+        raise SystemExit(f"error: --max_new_tokens={cfg.max_new_tokens} --temperature={cfg.temperature}: rollouts "
+                         "sample at least one token at a temperature > 0")
+    for k, allowed in (("loss_type", ("dapo", "dr_grpo", "grpo")), ("scale_rewards", ("group", "batch", "none"))):
+        if getattr(cfg, k) not in allowed:
+            raise SystemExit(f"error: --{k}={getattr(cfg, k)}: expected one of {', '.join(allowed)}")
+
+
+def main(argv=None):
+    cfg, ddp, rank, world, device = start_run(Config(), argv, check_args)
+    master = rank == 0
     resuming = cfg.init_from == "resume"
     model, tok, init_meta = load_policy(cfg.out_dir if resuming else cfg.init_from, device, "GRPO")
     if cfg.embedding_only:
@@ -209,7 +215,7 @@ def main(argv=None):
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
     policy = cfg.policy or init_meta.get("policy", "rewind")
     optimizer = make_optimizer(model, cfg)
-    start = restore(optimizer, cfg, resuming, master)
+    start, log = restore(optimizer, cfg, resuming, master)
     ref = None
     if cfg.beta > 0:  # the frozen initial model, for the KL term
         ref = GPT.from_pretrained(sft_path, device=device)
@@ -221,7 +227,6 @@ def main(argv=None):
     weight_schedule = WeightSchedule.from_string(cfg.reward_weights)
     pool = task.problems("train", n=cfg.n_train, seed=cfg.seed)
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
-    log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
     meta = dict(task=task_name, task_kwargs=task_kwargs, policy=policy, max_new_tokens=cfg.max_new_tokens,
                 stage="grpo", sft_checkpoint=sft_path)
     G, P_local = cfg.group_size, cfg.prompts_per_step // world
@@ -235,7 +240,10 @@ def main(argv=None):
 
     if master and cfg.eval_at_start and start == 0 and cfg.eval_interval > 0:
         run_eval(0)
-    bar = tqdm(range(start, cfg.max_iters), disable=not (master and cfg.progress), desc="grpo", dynamic_ncols=True)
+    save = lambda step: save_checkpoint(model, optimizer, step, cfg, meta, log)
+    if master and start == 0:
+        save(0)   # a run killed before its first periodic save can still be resumed
+    bar = progress_bar(cfg, start, master, "grpo")
     t0, gen_tokens, gen_time, done = time.time(), 0, 0.0, start
     for step in bar:
         progress = step / cfg.max_iters
@@ -350,9 +358,10 @@ def main(argv=None):
             log(**m)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['acc']:.3f}", bk=f"{m['bk_per_sample']:.2f}",
                             tok_s=f"{m['rollout_tokens_per_s']:.0f}")
-        if end_step(done, cfg, master, ddp, lambda: save_checkpoint(model, optimizer, done, cfg, meta), run_eval):
+        if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break
-    finish(raw, cfg, ddp, world, log, master, done - start, t0)
+    finish(raw, cfg, ddp, world, log, master, done, start, t0, "train_grpo.py",
+           then=f"python evaluate.py --ckpt={cfg.out_dir}   or   python generate.py --ckpt={cfg.out_dir} --prompt ...")
 
 
 if __name__ == "__main__":

@@ -24,10 +24,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from common import (JsonlLog, all_reduce_sum, build_model, cli, end_step, eval_and_log, finish, freeze_all_but_bk,
-                    lr_at, make_optimizer, parse_kwargs, restore, save_checkpoint, start_run, wrap)
+from common import (all_reduce_sum, build_model, cli, end_step, eval_and_log, finish, freeze_all_but_bk,
+                    lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
 from data import Curriculum, build_traces, collate, layout, pack, read_traces
 from model import sft_loss
 from tasks import get_task
@@ -146,18 +145,19 @@ def main(argv=None):
     tok = get_tokenizer(cfg.tokenizer)
     task_kwargs = parse_kwargs(cfg.task_kwargs)
     task = get_task(cfg.task, **task_kwargs)
+    # every input is read before anything is built or written
+    pool = task.problems("train", n=cfg.n_train, seed=cfg.seed)
+    held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
+    extra = read_traces(cfg.traces_file, tok.n_vocab) if cfg.traces_file else None
     model, _ = build_model(cfg, tok, device)
     model.to(device)
     if cfg.embedding_only:
         freeze_all_but_bk(model, tok.bk_id)
     optimizer = make_optimizer(model, cfg)
-    start = restore(optimizer, cfg, cfg.init_from == "resume", master)
+    start, log = restore(optimizer, cfg, cfg.init_from == "resume", master)
     raw = model
     model = wrap(model, cfg, ddp)
     global_size = cfg.batch_size * cfg.grad_accum * world
-    pool = task.problems("train", n=cfg.n_train, seed=cfg.seed)
-    held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
-    extra = read_traces(cfg.traces_file, tok.n_vocab) if cfg.traces_file else None
     if cfg.max_tokens > 0:   # equal-token budgets: longer traces get fewer steps
         cfg.max_iters = max(1, round(cfg.max_tokens / (tokens_per_step(cfg, tok, task, pool, extra) * world)))
     if cfg.evals > 0:
@@ -165,7 +165,6 @@ def main(argv=None):
     if master and (cfg.max_tokens > 0 or cfg.evals > 0):
         print(f"max_iters={cfg.max_iters} eval_interval={cfg.eval_interval}")
     curriculum = Curriculum.from_string(cfg.curriculum)
-    log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
     meta = dict(task=cfg.task, task_kwargs=task_kwargs, policy=cfg.policy, max_new_tokens=cfg.max_new_tokens, stage="sft")
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     if master:
@@ -174,7 +173,10 @@ def main(argv=None):
 
     run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, cfg.policy, cfg, log, cfg.max_new_tokens)
 
-    bar = tqdm(range(start, cfg.max_iters), disable=not (master and cfg.progress), desc="sft", dynamic_ncols=True)
+    save = lambda step: save_checkpoint(model, optimizer, step, cfg, meta, log)
+    if master and start == 0:
+        save(0)   # a run killed before its first periodic save can still be resumed
+    bar = progress_bar(cfg, start, master, "sft")
     t0, tokens, done = time.time(), 0, start
     for step in bar:
         lr = lr_at(step, cfg)
@@ -209,9 +211,10 @@ def main(argv=None):
             dt = time.time() - t0
             log(step=step, loss=loss_sum.item(), lr=lr, max_backtracks=max_bk, tokens_per_s=tokens * world / max(dt, 1e-9))
             bar.set_postfix(loss=f"{loss_sum.item():.4f}", tok_s=f"{tokens * world / max(dt, 1e-9):.0f}")
-        if end_step(done, cfg, master, ddp, lambda: save_checkpoint(model, optimizer, done, cfg, meta), run_eval):
+        if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break
-    finish(raw, cfg, ddp, world, log, master, done - start, t0)
+    finish(raw, cfg, ddp, world, log, master, done, start, t0, "train_sft.py",
+           then=f"python train_grpo.py --init_from={cfg.out_dir}   or   python generate.py --ckpt={cfg.out_dir} --prompt ...")
 
 
 if __name__ == "__main__":
