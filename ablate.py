@@ -131,13 +131,16 @@ def write_svg(curves, path, w=640, h=400, pad=50):
 def main(argv=None):
     cfg = Config()
     configure(cfg, sys.argv[1:] if argv is None else argv)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    for k in ("seeds", "tokens", "eval_n", "eval_points", "grpo_iters", "stage_iters", "self_n"):
+        if getattr(cfg, k) < 1:
+            raise SystemExit(f"error: --{k}={getattr(cfg, k)}: must be at least 1")
     variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
     for v in variants:
         base, _, stage = v.partition("+")
         if base not in VARIANTS or stage not in STAGES:
             raise SystemExit(f"error: unknown variant {v!r}; known: {', '.join(VARIANTS)}, each also with "
                              f"{', '.join('+' + s for s in STAGES if s)}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
     results_path = os.path.join(cfg.out_dir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     extra = cfg.sft_args.split()

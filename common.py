@@ -48,7 +48,10 @@ def configure(cfg, argv):
                 items = read_json(arg).items()
             else:
                 scope = {}
-                exec(open(arg).read(), {}, scope)
+                try:
+                    exec(open(arg).read(), {}, scope)
+                except Exception as e:
+                    raise SystemExit(f"error: config file {arg}: {type(e).__name__}: {e}")
                 items = [(k, v) for k, v in scope.items() if not k.startswith("_")]
             for k, v in items:
                 _set(cfg, types, k, v, arg)

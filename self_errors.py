@@ -205,7 +205,14 @@ def pairs_path(out):
 def main(argv=None):
     cfg = Config()
     configure(cfg, sys.argv[1:] if argv is None else argv)
-    assert cfg.divergence in ("step", "token"), f"divergence must be step | token, not {cfg.divergence!r}"
+    if cfg.divergence not in ("step", "token") or cfg.filter_score not in ("full", "correction"):
+        raise ValueError(f"--divergence={cfg.divergence} --filter_score={cfg.filter_score}: expected step|token and "
+                         "full|correction")
+    for k in ("n", "samples", "batch_size", "max_error"):
+        if getattr(cfg, k) < 1:
+            raise ValueError(f"--{k}={getattr(cfg, k)}: must be at least 1")
+    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--temperature={cfg.temperature} --top_p={cfg.top_p}: sampling needs T > 0 and 0 < top_p <= 1")
     torch.manual_seed(cfg.seed)
     if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
         raise SystemExit(f"error: no checkpoint at --ckpt={cfg.ckpt!r}")

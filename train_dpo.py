@@ -121,9 +121,9 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid"):
 # data
 
 
-def load_pairs(path, block_size):
+def load_pairs(path, block_size, n_vocab):
     """JSONL lines {"prompt", "prefix", "chosen", "rejected": [ids], "question": text (optional)};
-    errors name the file and line."""
+    every id a token of the model's vocabulary; errors name the file and line."""
     if not os.path.exists(path):
         raise SystemExit(f"error: no pairs file at {path!r}: write one with "
                          "python self_errors.py --ckpt=<sft checkpoint>")
@@ -137,6 +137,9 @@ def load_pairs(path, block_size):
             p = {k: [int(x) for x in d[k]] for k in ("prompt", "prefix", "chosen", "rejected")}
         except (KeyError, TypeError, ValueError) as e:
             raise SystemExit(f"error: {path}:{i}: not a pair line ({e!r})")
+        bad = [x for k in ("prompt", "prefix", "chosen", "rejected") for x in p[k] if not 0 <= x < n_vocab]
+        if bad:
+            raise SystemExit(f"error: {path}:{i}: token id {bad[0]} is outside the model's vocabulary (0..{n_vocab - 1})")
         if not p["prompt"] or not p["chosen"] or not p["rejected"]:
             raise SystemExit(f"error: {path}:{i}: prompt, chosen and rejected must be non-empty")
         n = len(p["prompt"]) + len(p["prefix"]) + max(len(p["chosen"]), len(p["rejected"]))
@@ -192,7 +195,7 @@ def main(argv=None):
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
     policy = cfg.policy or init_meta.get("policy", "rewind")
     max_new_tokens = cfg.max_new_tokens or init_meta.get("max_new_tokens", 128)
-    pairs = load_pairs(cfg.pairs_file, model.config.block_size)
+    pairs = load_pairs(cfg.pairs_file, model.config.block_size, model.config.n_vocab)
     check_pairs(pairs, cfg.pairs_file, model.config.bk_id, policy)
     questions = [dict(question=p["question"]) for p in pairs if p["question"] is not None]
     task.check_train(questions)  # pairs of test problems would leak the held-out set into training

@@ -112,7 +112,17 @@ def test_later_stages_bad_arguments(ckpt, tmp_path):
     assert_one_line_error(p, "no.jsonl")
     p = run("self_errors.py", f"--ckpt={tmp_path / 'none'}")
     assert_one_line_error(p, "none")
-    assert not os.path.exists(out)
+    assert_one_line_error(run("self_errors.py", f"--ckpt={ckpt}", "--samples=0"), "--samples=0")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": [1], "prefix": [], "chosen": [2], "rejected": [3]}\n'
+                     '{"prompt": [1], "prefix": [], "chosen": [2], "rejected": [123456]}\n')
+    p = run("train_dpo.py", f"--init_from={ckpt}", f"--out_dir={tmp_path / 'dpo2'}", f"--pairs_file={pairs}")
+    assert_one_line_error(p, "pairs.jsonl:2", "123456")
+    assert_one_line_error(run("ablate.py", f"--out_dir={tmp_path / 'abl'}", "--seeds=0"), "--seeds=0")
+    bad_cfg = tmp_path / "bad_config.py"
+    bad_cfg.write_text("max_iters = 10 +\n")
+    assert_one_line_error(run("train_sft.py", str(bad_cfg), f"--out_dir={tmp_path / 'sft'}"), "bad_config.py")
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "abl") and not os.path.exists(tmp_path / "sft")
 
 
 @pytest.mark.parametrize("args, words", [
