@@ -344,19 +344,41 @@ def lcs_trace(wrong_ids, right_ids, bk_id, max_divergences=None, max_backtracks=
     write the wrong tokens, as many BKs, then the right tokens; shared stretches are written once.
     Only the first max_divergences divergences, and only those that fit in max_backtracks BKs in
     all, are written wrong-then-undone; the others are written right directly. A stretch the
-    wrong response lacks is simply written (nothing to undo)."""
+    wrong response lacks is simply written (nothing to undo).
+
+    A divergence never deletes a token only to type it again at the same slot. difflib can delete a
+    span whose leading tokens are exactly what the right response writes next (wrong `1 5 1 2`,
+    right `1 2`: delete `1 5`, keep `1 2`), which would give `1 5 BK BK 1 2`. Under `rewind` the
+    deleted `1` is banned at its slot (docs/backtrack-semantics.md §4), so the trace would take an
+    action of log-prob -inf; under `keep` it would teach a needless retype. So such leading tokens
+    leave the divergence and are written once as shared text (`1 5 BK 2`), and a span that is
+    right all through is just written. The first wrong token written is then never the token
+    written at its slot after the BKs: no action of the trace is banned under either policy, and
+    resolve(trace) == right still holds."""
     wrong, right = list(wrong_ids), list(right_ids)
     assert bk_id not in wrong and bk_id not in right, "inputs are plain responses"
     sm = difflib.SequenceMatcher(None, wrong, right, autojunk=False)  # autojunk would skip common tokens
     out, n_div, n_bk = [], 0, 0
+    j = 0  # out resolves to right[:j] between divergences
     for tag, i1, i2, j1, j2 in sm.get_opcodes():
-        k = i2 - i1
-        if tag != "equal" and k > 0 and (max_divergences is None or n_div < max_divergences) \
+        # a divergence is written wrong only where the alignment still holds (j == j1); an earlier
+        # divergence's shared tokens may have run past j1, and then this one is written right
+        err = wrong[i1:i2] if tag != "equal" and j == j1 else []
+        n = 0  # leading wrong tokens that are the right continuation: shared, not an error
+        while n < len(err) and j + n < len(right) and err[n] == right[j + n]:
+            n += 1
+        out += err[:n]
+        j += n
+        err = err[n:]
+        k = len(err)
+        if k > 0 and (max_divergences is None or n_div < max_divergences) \
                 and (max_backtracks is None or n_bk + k <= max_backtracks):
-            out += wrong[i1:i2] + [bk_id] * k
+            out += err + [bk_id] * k
             n_div += 1
             n_bk += k
-        out += right[j1:j2]
+        if j < j2:
+            out += right[j:j2]
+            j = j2
     return out
 
 

@@ -2,7 +2,7 @@
 Rewards for RL on backtrack traces (research notes, section 6), and their curricula (7.3, 7.4).
 
 Every component is computed on the RESOLVED completion (resolve() applied, end-of-text dropped)
-with the task's own verifier and the one answer parser (tasks.parse_answer) that evaluation uses:
+with the task's own verifier (which reads the answer through tasks.parse_answer, as evaluation does):
 a completion is scored on what it finally says, never on token overlap with a reference, and
 never against an unresolved target.
 
@@ -19,11 +19,16 @@ Components (each returned, for logging, next to the weighted total):
       draft already right                  -unnecessary_penalty * n_bk
       draft wrong, final right             +correction_bonus / sqrt(n_bk)      (a successful correction)
       draft wrong, final wrong             -failed_penalty                      (a failed correction)
-  "right" means the verifier accepts the text and every step check passes.
+  "right" means the verifier accepts the text and every step check passes, and there is at least
+  one check (an empty list is not "every step right"). Step checks are per REQUIRED step where the
+  task knows them (arith: a skipped step is a failed check, an extra line fails one of its own), so
+  a completion that skips steps, repeats lines or hedges its answer never ties the clean solution.
   correction_bonus < clean_bonus on purpose: a correction beats not correcting, but writing a
   deliberate error just to fix it never beats answering right the first time (else "always
   backtrack" is a reward hack).
-- format: half for ending with end-of-text (not truncated), half for a parseable '#### <answer>'.
+- format: half for ending with end-of-text (not truncated), half for a well-formed answer
+  (task.well_formed: exactly one '####' line, the last, with a parseable number), so a hedged
+  answer (`#### 17\n#### 18`) or text after the answer never earns the whole format credit.
 
 The draft (the "pre-backtrack text"), precisely: let `pre` be the response tokens before the
 first BK (all normal tokens: the text as first written, up to where the model first changed its
@@ -42,7 +47,6 @@ import math
 from dataclasses import dataclass, field
 
 from data import Curriculum, count_backtracks, phase_at, resolve
-from tasks import parse_answer
 
 COMPONENTS = ("outcome", "process", "backtrack", "format")
 
@@ -78,8 +82,11 @@ def process_score(task, text, problem):
 
 
 def is_right(task, text, problem):
-    """The answer verifies and every step check passes (the criterion drafts are judged by)."""
-    return bool(task.verify(text, problem)) and all(task.steps(text, problem))
+    """The answer verifies and every step check passes (the criterion drafts are judged by). An
+    empty list of checks is not "every step right": `all([])` would give the answer line alone
+    (`#### 18`) the clean bonus, so no checks means not right."""
+    checks = task.steps(text, problem)
+    return bool(task.verify(text, problem)) and len(checks) > 0 and all(checks)
 
 
 def draft_ids(response, bk_id):
@@ -119,7 +126,7 @@ def score(task, tok, problem, response, budget=None, rc=None):
         outcome=outcome_score(task, text, problem),
         process=process_score(task, text, problem),
         backtrack=backtrack_score(n_bk, draft_right, right, budget, rc),
-        format=0.5 * ended + 0.5 * (parse_answer(text) is not None),
+        format=0.5 * ended + 0.5 * bool(task.well_formed(text)),
         n_bk=n_bk, right=right, draft_right=draft_right, ended=ended,
         over_budget=budget is not None and n_bk > budget,
         fixed=n_bk > 0 and not draft_right and right,          # a successful correction

@@ -12,9 +12,11 @@ would at inference (its own context policy, backtracks allowed), and every wrong
 
     correct prefix | the model's error tokens | one BK per error token | correct continuation + eot
 
-Where the error starts (the divergence). Token level: the longest common prefix of the model's
-resolved completion with the reference solution, in ids. A trace has to resolve to the reference
-(the one solution we can write the continuation of), so the error cannot start later than that.
+Where the error starts (the divergence). On the text: the first token of the model's resolved
+completion whose text departs from the reference solution's (text_divergence), so the same text
+written in other tokens (BPE: '1', '2' for '12') is no error. A trace has to resolve to the
+reference (the one solution we can write the continuation of) in ids, so it keeps the reference's
+ids up to the last token boundary the two texts share, and the error starts there.
 With --divergence=step (default) the line where that happens must also hold a step that the task's
 own step checker (task.steps) marks wrong, or no step at all (the '####' answer line): when the
 line holds only valid steps the model took another valid route (countdown has many), and undoing
@@ -91,12 +93,34 @@ class Config:
 # from a wrong completion to a trace, in ids
 
 
-def divergence(resolved, reference):
-    """Length of the longest common prefix of two id lists."""
-    d = 0
-    while d < len(resolved) and d < len(reference) and resolved[d] == reference[d]:
-        d += 1
-    return d
+def text_divergence(tok, resolved, reference):
+    """Where the model's resolved completion departs from the reference, read on the text (bytes):
+    a BPE model can write the reference's text in other tokens ('1', '2' where the reference has
+    '12'), and that is no error. End-of-text matches only end-of-text, after the whole reference.
+
+    Returns (m, j, k): m, the index of the model's first token whose text departs (len(resolved)
+    when none does: the completion spells a prefix of the reference, or all of it and then ends);
+    and the latest token boundary the two share at or before that point: reference[:j] and
+    resolved[:k] spell the same text (j = k = 0 at worst, the start of the response)."""
+    eot = tok.eot_id
+    ref_ends, off = {0: 0}, 0          # byte offset where a reference token ends -> tokens so far
+    for i, t in enumerate(reference):
+        if t == eot:
+            break
+        off += len(tok.token_bytes(t))
+        ref_ends[off] = i + 1
+    ref_text = b"".join(tok.token_bytes(t) for t in reference[:ref_ends[off]])
+    off, j, k = 0, 0, 0
+    for m, t in enumerate(resolved):
+        if off in ref_ends:            # a boundary in both tokenizations
+            j, k = ref_ends[off], m
+        if t == eot:
+            return (len(resolved) if off == len(ref_text) else m), j, k
+        b = tok.token_bytes(t)
+        if ref_text[off:off + len(b)] != b:
+            return m, j, k
+        off += len(b)
+    return len(resolved), j, k
 
 
 def line_end(resolved, d, eot_id, is_newline):
@@ -118,27 +142,51 @@ def line_is_wrong(tok, task, p, resolved, d, e):
         start -= 1
     before = task.steps(tok.decode(resolved[:start]), p)
     through = task.steps(tok.decode(resolved[:e]), p)
-    new = through[len(before):]
+    # the checks the line adds or changes: most tasks check each line written, so the line appends
+    # its checks; arith checks each required step (a missing one fails), so a valid line turns its
+    # step's failed check into a pass and a wrong one changes nothing
+    new = [ok for i, ok in enumerate(through) if i >= len(before) or ok != before[i]]
     return not new or not all(new)
 
 
 def candidate(tok, task, p, prompt, resolved, cfg):
-    """A wrong completion -> (candidate dict, None) or (None, reason it is unusable)."""
-    reference = tok.encode(p["solution"]) + [tok.eot_id]
-    d = divergence(resolved, reference)
-    if d == len(resolved):
-        return None, "cut_off"           # a prefix of the reference: nothing written to delete
-    if resolved[d] == tok.eot_id:
+    """A wrong completion -> (candidate dict, None) or (None, reason it is unusable).
+
+    The divergence is found on the text (text_divergence), so a completion that spells the
+    reference, or a prefix of it, in other tokens is never an error ('correct', 'cut_off'). The
+    trace keeps the reference's ids up to the last token boundary both share before the departure,
+    then the model's own tokens from there to the end of the departing line (at most max_error), as
+    many BKs, and the rest of the reference: it resolves exactly to tok.encode(solution) + [eot].
+    The deleted tokens may begin with a few correct bytes when the departing token starts inside a
+    reference token ('1' '9' against '18': both are deleted), but never a correct line: where the
+    shared boundary lies before the departing line, or more than max_error tokens back, the
+    completion is dropped ('no_boundary')."""
+    eot = tok.eot_id
+    reference = tok.encode(p["solution"]) + [eot]
+    m, j, k = text_divergence(tok, resolved, reference)
+    if m == len(resolved):
+        # the reference's text, or a prefix of it: nothing written to delete
+        return None, ("correct" if resolved and resolved[-1] == eot else "cut_off")
+    if resolved[m] == eot:
         return None, "ended_early"       # ending is the error; an end-of-text is never deleted
+    # correct text the deletion would take with it: from the shared boundary to where token m departs
+    ref_text = b"".join(tok.token_bytes(t) for t in reference[:-1])
+    start = sum(len(tok.token_bytes(t)) for t in resolved[:k])
+    end = sum(len(tok.token_bytes(t)) for t in resolved[:m])
+    b = tok.token_bytes(resolved[m])
+    while b and ref_text[end:end + 1] == b[:1]:      # the departing token's own correct bytes
+        end, b = end + 1, b[1:]
+    if b"\n" in ref_text[start:end] or m - k >= cfg.max_error:
+        return None, "no_boundary"
     # the error runs to the end of its line (the model has written the whole step and can check
     # it), at most max_error tokens; never the end-of-text token, after which nothing is written
-    e = line_end(resolved, d, tok.eot_id, lambda t: b"\n" in tok.token_bytes(t))
-    err = resolved[d:min(e, d + cfg.max_error)]
-    if cfg.divergence == "step" and not line_is_wrong(tok, task, p, resolved, d, e):
+    e = line_end(resolved, m, eot, lambda t: b"\n" in tok.token_bytes(t))
+    err = resolved[k:min(e, k + cfg.max_error)]
+    if cfg.divergence == "step" and not line_is_wrong(tok, task, p, resolved, m, e):
         return None, "valid_step"
-    prefix = reference[:d]
-    c = dict(prompt=prompt, prefix=prefix + err, n_err=len(err), correction=reference[d:],
-             rejected=resolved[d + len(err):], reference=reference, question=p["question"])
+    prefix = reference[:j]
+    c = dict(prompt=prompt, prefix=prefix + err, n_err=len(err), correction=reference[j:],
+             rejected=resolved[k + len(err):], reference=reference, question=p["question"])
     c["response"] = prefix + err + [tok.bk_id] * len(err) + c["correction"]
     assert resolve(c["response"], tok.bk_id) == reference, "a self-error trace must resolve to the reference"
     return c, None

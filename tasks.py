@@ -81,9 +81,22 @@ class Task:
         return p["question"] + "\n"
 
     def verify(self, text, p):
-        return parse_answer(text) == p["answer"]
+        """The answer is right and the response is well formed (one '####' line, the last)."""
+        return self.well_formed(text) and parse_answer(text) == p["answer"]
+
+    def well_formed(self, text):
+        """The response ends in its one answer line: '####' occurs exactly once (up to end-of-text),
+        on the last non-empty line, and the answer there parses. A second '####' (a hedge, or the
+        answer written twice) or anything after the answer line is not well formed: parse_answer
+        would read the last one, so without this a hedged answer would score like a clean one."""
+        text = text.split(EOT_TEXT)[0]
+        lines = response_lines(text)
+        return text.count("####") == 1 and "####" in lines[-1] and parse_answer(text) is not None
 
     def steps(self, text, p):
+        """Per-step checks (bools) of a response. The reward's "every step right" needs a non-empty
+        list (reward.is_right), so a task that can tell how many steps a problem needs should return
+        one check per required step (a missing step is a failed check), not only per line written."""
         return []
 
     def slip(self, p, rng):
@@ -193,13 +206,23 @@ class Arith(SyntheticTask):
     _STEP = re.compile(r"(-?\d+)([-+*])(\d+)=(-?\d+)")
 
     def steps(self, text, p):
-        """Per step line: it applies the problem's next operation to the previous line's result
-        (the first number for line 1) and the arithmetic is right. A line that is not a step, or
-        one too many, is a wrong step."""
+        """One check per step the problem needs, then one failed check per line too many.
+
+        Step k passes when line k applies the problem's k-th operation to the previous line's result
+        (the first number for line 1) and its arithmetic is right; a step not written fails its
+        check, so a completion that skips steps can never pass them all (nor earn the clean bonus,
+        reward.is_right). The last line, when it holds '####', is the answer (judged by verify);
+        every other line is read as a step, so a line that is not a step, a step too many, the
+        solution written twice, or an answer line that is not the last, fails a check of its own.
+        The list is never empty (a problem has at least one step)."""
+        lines = response_lines(text)
+        if lines and "####" in lines[-1]:
+            lines = lines[:-1]
+        n = len(p["ops"])
         out, prev = [], p["nums"][0]
-        for k, line in enumerate(l for l in response_lines(text) if not l.startswith("####")):
-            m = self._STEP.fullmatch(line)
-            if not m or k >= len(p["ops"]):
+        for k in range(max(n, len(lines))):
+            m = self._STEP.fullmatch(lines[k]) if k < len(lines) else None
+            if not m or k >= n:
                 out.append(False); prev = None
                 continue
             a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
@@ -441,6 +464,10 @@ class GSM8K(Task):
         d = data_dir or (path if path and os.path.isdir(path) else None)
         d = d or GSM8K_DIR
         self.file = path if path and not os.path.isdir(path) else None  # one file for every split
+        where = self.file or d
+        if not os.path.exists(where):
+            raise FileNotFoundError(f"gsm8k data not found at {where!r} (task_kwargs path= a JSONL file, or data_dir= "
+                                    "a folder with train.jsonl and test.jsonl)")
         self.data_dir = d
         self.test_path = test_path or split_file(d, "test")
         self.dropped = 0

@@ -77,6 +77,81 @@ def test_step_mode_drops_another_valid_route():
     assert why is None and c["prefix"] == ids("2+3=6\n")
 
 
+def test_step_mode_reads_arith_steps_per_required_step():
+    # arith checks one step per required step (a missing one is a failed check), so a line that
+    # holds a valid step turns a failed check into a pass: it is another spelling, not an error
+    assert make(P35, "3+5=08\n8-2=6\n#### 6")[1] == "valid_step"
+    c, why = make(P35, "3+5=8\n8-2=7\n#### 7")                 # a wrong second step is an error
+    assert why is None and c["prefix"] == ids("3+5=8\n8-2=7\n")
+
+
+GPT2 = get_tokenizer("gpt2")
+P12 = ARITH.problem([7, 5, 6], ["+", "+"])    # solution '7+5=12\n12+6=18\n#### 18'
+
+
+def spell(*pieces):
+    """gpt2 ids of each text piece encoded on its own: '1', '2' is not the one token '12'."""
+    return [t for x in pieces for t in GPT2.encode(x)]
+
+
+def gpt2_candidate(resolved, **kw):
+    return self_errors.candidate(GPT2, ARITH, P12, GPT2.encode(ARITH.prompt(P12)), resolved, cfg(**kw))
+
+
+@pytest.mark.parametrize("divergence", ["step", "token"])
+def test_same_text_in_other_tokens_is_not_an_error(divergence):
+    ref = GPT2.encode(P12["solution"]) + [GPT2.eot_id]
+    odd = spell("7", "+", "5", "=", "1", "2", "\n", "1", "2", "+", "6", "=", "1", "8", "\n", "#", "###", " ", "1", "8")
+    assert odd != ref[:-1] and GPT2.decode(odd) == P12["solution"]
+    c, why = gpt2_candidate(odd + [GPT2.eot_id], divergence=divergence)
+    assert c is None and why in ("correct", "cut_off")
+    c, why = gpt2_candidate(odd[:9], divergence=divergence)     # '7+5=12\n12' cut off, non-canonically
+    assert c is None and why == "cut_off"
+
+
+@pytest.mark.parametrize("divergence", ["step", "token"])
+@pytest.mark.parametrize("wrong", [("19",), ("1", "9")])
+def test_divergence_is_found_on_the_text(divergence, wrong):
+    # a correct first line and '12+6=' in other tokens than the reference's, then a wrong number
+    resolved = spell("7", "+", "5", "=", "1", "2", "\n", "1", "2", "+", "6", "=", *wrong, "\n", "####", " 19") \
+        + [GPT2.eot_id]
+    ref = GPT2.encode(P12["solution"]) + [GPT2.eot_id]
+    c, why = gpt2_candidate(resolved, divergence=divergence)
+    assert why is None
+    bk = GPT2.bk_id
+    assert resolve(c["response"], bk) == ref                                   # exact, in ids
+    err = c["prefix"][len(c["prefix"]) - c["n_err"]:]
+    assert GPT2.decode(err) == "19\n"                                           # only the wrong part is deleted
+    assert err == spell(*wrong, "\n")                                           # the model's own tokens
+    assert c["response"] == c["prefix"] + [bk] * c["n_err"] + c["correction"]
+    assert GPT2.decode(c["prefix"][:-c["n_err"]]) == "7+5=12\n12+6="            # the correct text survives
+    assert c["rejected"] == spell("####", " 19") + [GPT2.eot_id]
+
+
+def test_respelled_completions_are_judged_on_their_text():
+    # slips, the solution and its prefixes, each cut into random pieces encoded on their own
+    import random
+    rng = random.Random(0)
+    task = get_task("arith", digits=2)
+    bk, eot = GPT2.bk_id, GPT2.eot_id
+    for p in task.problems("train", n=100):
+        ref = GPT2.encode(p["solution"]) + [eot]
+        for text in (task.slip(p, rng), p["solution"], p["solution"][:rng.randrange(len(p["solution"]))]):
+            cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, 5))) if len(text) > 1 else []
+            resolved = spell(*[text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]) + [eot]
+            c, why = self_errors.candidate(GPT2, task, p, [0], resolved, cfg(divergence="token"))
+            if p["solution"].startswith(text):
+                assert c is None and why in ("correct", "ended_early")
+                continue
+            assert why is None and resolve(c["response"], bk) == ref
+            kept, err = c["prefix"][:len(c["prefix"]) - c["n_err"]], c["prefix"][len(c["prefix"]) - c["n_err"]:]
+            deleted = GPT2.decode(err)
+            assert "\n" not in deleted[:-1]                      # never a correct line, only the wrong one
+            assert p["solution"].startswith(GPT2.decode(kept)) and kept == ref[:len(kept)]
+            assert not p["solution"].startswith(GPT2.decode(kept) + deleted)
+            assert " ".join(map(str, err)) in " ".join(map(str, resolved))   # the model's own tokens
+
+
 def test_needless_deletion_finds_the_first_correct_token_deleted():
     ref = ids("3+5=8\n") + [EOT]
     # '9' is wrong (a needed deletion), then '=' is deleted while '3+5=' is still right
