@@ -19,7 +19,7 @@ from dataclasses import asdict, fields
 import torch
 from tqdm import tqdm
 
-from data import count_backtracks
+from data import as_rule, count_backtracks
 from hf import padded_vocab, read_json
 from model import GPT, GPTConfig, generate, init_bk_embedding, unwrap
 from reward import deletion_stats
@@ -185,6 +185,9 @@ def check_config(cfg):
     need(lambda v: v in ("keep", "rewind") or (v == "" and not hasattr(cfg, "mask_errors")), "policy",
          "expected keep or rewind")
     need(lambda v: v in ("float32", "bfloat16"), "dtype", "expected float32 or bfloat16")
+    need(lambda v: isinstance(v, bool) or v in ("", "on", "off"), "slot_bans", "expected on or off")
+    need(lambda v: (isinstance(v, int) and v >= -1) or str(v) in ("", "none") or str(v).isdigit(), "max_retries",
+         "expected a number of retries, or none")
     if hasattr(cfg, "traces_file") and bool(cfg.traces_file) != (cfg.traces_ratio > 0):
         raise SystemExit("error: --traces_file and --traces_ratio go together: a traces file needs "
                          "--traces_ratio > 0 (the share of each batch drawn from it), and the ratio needs the file")
@@ -417,7 +420,21 @@ def load_model(path, device="cpu", dtype=torch.float32):
     return model, tok
 
 
-def load_policy(path, device, stage):
+def decoding_rule(cfg, meta):
+    """The decoding rule (data.as_rule) a script after SFT samples and scores with: its own
+    --policy / --slot_bans=on|off / --max_retries=N|none where given, else the checkpoint's, so
+    that decoding applies the bans the model was trained under (docs/backtrack-semantics.md §4)."""
+    if cfg.policy not in ("", "keep", "rewind") or cfg.slot_bans not in ("", "on", "off") or not (
+            str(cfg.max_retries) in ("", "none") or str(cfg.max_retries).isdigit()):
+        raise ValueError(f"--policy={cfg.policy} --slot_bans={cfg.slot_bans} --max_retries={cfg.max_retries}: expected "
+                         "keep|rewind, on|off and a number or none (or leave them out: the checkpoint's)")
+    mr = str(cfg.max_retries)
+    return dict(policy=cfg.policy or meta.get("policy", "rewind"),
+                slot_bans=meta.get("slot_bans", True) if cfg.slot_bans == "" else cfg.slot_bans == "on",
+                max_retries=meta.get("max_retries") if mr == "" else None if mr == "none" else int(mr))
+
+
+def load_stage_model(path, device, stage):
     """The starting model of a later stage (GRPO, DPO): a checkpoint of this project, which already
     knows the backtrack token, in train mode with dropout off (rollouts, references and the
     recomputed log-probs must see the same network). Returns (model, tok, meta)."""
@@ -439,10 +456,10 @@ def load_policy(path, device, stage):
 
 
 @torch.no_grad()
-def evaluate(model, tok, task, problems, policy="rewind", temperature=0.0, top_k=0, top_p=1.0,
+def evaluate(model, tok, task, problems, rule="rewind", temperature=0.0, top_k=0, top_p=1.0,
              max_new_tokens=128, max_backtracks=None, batch_size=64, seed=0, progress=False):
-    """Generate one completion per problem and score it on its resolved text with the task's verifier.
-    Returns (metrics dict, per-sample records)."""
+    """Generate one completion per problem under the decoding rule (data.as_rule) and score it on its
+    resolved text with the task's verifier. Returns (metrics dict, per-sample records)."""
     was_training = model.training
     model.eval()
     records = []
@@ -450,7 +467,7 @@ def evaluate(model, tok, task, problems, policy="rewind", temperature=0.0, top_k
     for i in tqdm(chunks, desc=f"eval T={temperature}", disable=not progress, leave=False):
         batch = problems[i:i + batch_size]
         prompts = [tok.encode(task.prompt(p)) for p in batch]
-        outs = generate(model, prompts, max_new_tokens=max_new_tokens, policy=policy, temperature=temperature,
+        outs = generate(model, prompts, max_new_tokens=max_new_tokens, **as_rule(rule), temperature=temperature,
                         top_k=top_k, top_p=top_p, max_backtracks=max_backtracks, seed=seed + i)
         for p, o in zip(batch, outs):
             text = tok.decode([t for t in o["resolved"] if t != tok.eot_id])
@@ -485,19 +502,19 @@ def summarize(records):
     )
 
 
-def held_out_eval(model, tok, task, problems, policy, temperature, max_new_tokens, seed, max_backtracks=None):
+def held_out_eval(model, tok, task, problems, rule, temperature, max_new_tokens, seed, max_backtracks=None):
     """Greedy and sampled (at `temperature`) metrics, flattened for a JSONL line: eval/greedy/*, eval/t1/*."""
     res = {}
     for label, T in (("greedy", 0.0), ("t1", temperature)):
-        m, _ = evaluate(model, tok, task, problems, policy, T, max_new_tokens=max_new_tokens,
+        m, _ = evaluate(model, tok, task, problems, rule, T, max_new_tokens=max_new_tokens,
                         max_backtracks=max_backtracks, seed=seed)
         res.update({f"eval/{label}/{k}": v for k, v in m.items() if k != "n"})
     return res
 
 
-def eval_and_log(step, model, tok, task, problems, policy, cfg, log, max_new_tokens, max_backtracks=None):
+def eval_and_log(step, model, tok, task, problems, rule, cfg, log, max_new_tokens, max_backtracks=None):
     """The periodic evaluation of a training stage: held-out metrics logged at `step` and one line shown."""
-    res = held_out_eval(model, tok, task, problems, policy, cfg.eval_temperature, max_new_tokens, cfg.seed,
+    res = held_out_eval(model, tok, task, problems, rule, cfg.eval_temperature, max_new_tokens, cfg.seed,
                         max_backtracks=max_backtracks)
     log(step=step, **res)
     tqdm.write(f"step {step}: held-out acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "

@@ -99,13 +99,29 @@ def read_traces(path, n_vocab):
 # distribution the sampler drew from.
 
 
-def layout(trace, bk_id, policy="keep", mask_errors=True, max_backtracks=None, train_prompt=False):
+def as_rule(rule):
+    """The decoding rule a trace is laid out, sampled and scored under (docs/backtrack-semantics.md
+    §3-4): dict(policy, slot_bans, max_retries), keyword arguments of both layout() and
+    model.generate(), so the two always apply the same bans. A bare policy name means the default
+    knobs (slot bans on, no retry limit)."""
+    if isinstance(rule, str):
+        return dict(policy=rule, slot_bans=True, max_retries=None)
+    return dict(policy=rule["policy"], slot_bans=rule.get("slot_bans", True), max_retries=rule.get("max_retries"))
+
+
+def layout(trace, bk_id, policy="keep", mask_errors=True, max_backtracks=None, train_prompt=False,
+           slot_bans=True, max_retries=None):
     """Build the layout of one trace.
 
     Returns a dict: ids, pos, parent (per node), src, tgt, weight, bans (per action).
-    Bans, applied in both policies: BK while the response is empty (it could delete nothing),
-    BK once max_backtracks are spent; and under `rewind` every token deleted at a slot.
+    Bans (docs/backtrack-semantics.md §4), the same rules generate() samples under:
+    - both policies: BK while the response is empty (it could delete nothing), BK once
+      max_backtracks are spent, and BK when it would delete a token at a slot (a stack depth) that
+      has already been backtracked max_retries times (the per-slot retry limit; None = no limit);
+    - `rewind` with slot_bans: every token deleted at a slot, there, until that slot is popped.
     """
+    if policy not in ("keep", "rewind"):
+        raise ValueError(f"unknown policy {policy!r}: expected 'keep' or 'rewind'")
     P, R = list(trace.prompt), list(trace.response)
     assert len(P) > 0, "a trace needs a non-empty prompt (the first action is read off its last token)"
     rl = roles(R, bk_id)
@@ -118,11 +134,13 @@ def layout(trace, bk_id, policy="keep", mask_errors=True, max_backtracks=None, t
             src.append(i - 1); tgt.append(P[i]); weight.append(1.0); bans.append(())
     stack = []          # node indices of the surviving response tokens
     ban = {}            # rewind: node index -> tokens deleted at that slot
+    retries = {}        # stack depth -> deletions there since the token below it was written
     n_bk = 0
     for t, role in zip(R, rl):
         top = stack[-1] if stack else len(P) - 1
-        b = set(ban.get(top, ())) if policy == "rewind" else set()
-        if not stack or (max_backtracks is not None and n_bk >= max_backtracks):
+        b = set(ban.get(top, ())) if policy == "rewind" and slot_bans else set()
+        if not stack or (max_backtracks is not None and n_bk >= max_backtracks) \
+                or (max_retries is not None and retries.get(len(stack) - 1, 0) >= max_retries):
             b.add(bk_id)
         src.append(top if policy == "rewind" else len(ids) - 1)
         tgt.append(t)
@@ -137,13 +155,13 @@ def layout(trace, bk_id, policy="keep", mask_errors=True, max_backtracks=None, t
                 ban.pop(gone, None)
                 below = stack[-1] if stack else len(P) - 1
                 ban.setdefault(below, set()).add(ids[gone])
+                retries.pop(len(stack) + 1, None)   # the popped token's own slot count goes with it
+                retries[len(stack)] = retries.get(len(stack), 0) + 1
         else:
             if policy == "keep":
                 parent.append(len(ids) - 1); pos.append(len(ids))
-            elif policy == "rewind":
-                parent.append(top); pos.append(len(P) + len(stack))
             else:
-                raise ValueError(f"unknown policy {policy!r}: expected 'keep' or 'rewind'")
+                parent.append(top); pos.append(len(P) + len(stack))
             ids.append(t)
             stack.append(len(ids) - 1)
     if len(ids) > len(P) and (not src or src[-1] != len(ids) - 1) and len(ids) - 1 not in set(src):
@@ -151,14 +169,14 @@ def layout(trace, bk_id, policy="keep", mask_errors=True, max_backtracks=None, t
     return dict(ids=ids, pos=pos, parent=parent, src=src, tgt=tgt, weight=weight, bans=bans)
 
 
-def completion_batch(traces, starts, bk_id, policy, max_backtracks=None, device="cpu"):
+def completion_batch(traces, starts, bk_id, rule, max_backtracks=None, device="cpu"):
     """Collate traces so that only their completions carry weight: in trace i, the actions of
     response tokens starts[i].. have weight 1; the shared response prefix before them has weight 0
     (the prompt is never an action). mask_errors=False: an error token in a completion is the
     model's own choice and is scored like any other."""
     lays = []
     for t, s in zip(traces, starts):
-        L = layout(t, bk_id, policy, mask_errors=False, max_backtracks=max_backtracks)
+        L = layout(t, bk_id, **as_rule(rule), mask_errors=False, max_backtracks=max_backtracks)
         # the layout has one action per response token, in order; the mask below relies on it
         assert len(L["tgt"]) == len(t.response) and 0 <= s <= len(t.response)
         L["weight"] = [float(i >= s) for i in range(len(L["tgt"]))]

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from common import cli, configure, evaluate, load_model
+from common import cli, configure, decoding_rule, evaluate, load_model, parse_kwargs
 from tasks import checkpoint_task
 
 
@@ -23,7 +23,10 @@ class Config:
     ckpt: str = "out/sft"
     task: str = ""                   # default: the checkpoint's task (and its settings)
     n: int = 500                     # held-out problems
+    task_kwargs: str = ""            # e.g. "min_vars=8,max_vars=10" (a longer split); default: the checkpoint's
     policy: str = ""                 # rewind | keep; "" = the checkpoint's
+    slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
+    max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
     temperature: float = 1.0         # the sampled pass (greedy is always run too)
     max_new_tokens: int = 0          # 0 = the checkpoint's
     max_backtracks: int = -1         # cap per sample; -1 = none
@@ -39,26 +42,25 @@ def main(argv=None):
         raise ValueError(f"--n={cfg.n}: evaluate at least one problem")
     if cfg.temperature < 0:
         raise ValueError(f"--temperature={cfg.temperature}: must be >= 0 (0 = greedy)")
-    if cfg.policy not in ("", "keep", "rewind"):
-        raise ValueError(f"--policy={cfg.policy}: expected keep or rewind")
+    decoding_rule(cfg, {})   # checks the flags before any work
     model, tok = load_model(cfg.ckpt, device=cfg.device)
     meta = model.meta
-    name, _, task = checkpoint_task(meta, cfg.task)
-    policy = cfg.policy or meta.get("policy", "rewind")
+    name, task_kwargs, task = checkpoint_task(meta, cfg.task, parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
+    rule = decoding_rule(cfg, meta)
     problems = task.problems("test", n=cfg.n, seed=cfg.seed)
     max_new_tokens = cfg.max_new_tokens or meta.get("max_new_tokens", 128)
     cap = None if cfg.max_backtracks < 0 else cfg.max_backtracks
     result = {}
     for label, T in (("greedy", 0.0), (f"T={cfg.temperature}", cfg.temperature)):
-        m, _ = evaluate(model, tok, task, problems, policy, T, max_new_tokens=max_new_tokens, max_backtracks=cap,
+        m, _ = evaluate(model, tok, task, problems, rule, T, max_new_tokens=max_new_tokens, max_backtracks=cap,
                         seed=cfg.seed, progress=True)
         result[label] = m
     out = cfg.out or os.path.join(cfg.ckpt, "eval.json")
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(dict(ckpt=cfg.ckpt, task=name, policy=policy, **result), f, indent=2)
+        json.dump(dict(ckpt=cfg.ckpt, task=name, task_kwargs=task_kwargs, **rule, **result), f, indent=2)
     os.replace(tmp, out)   # a crash mid-write never leaves half a file where a good one was
-    print(f"{cfg.ckpt} | task={name} | policy={policy} | n={len(problems)}")
+    print(f"{cfg.ckpt} | task={name} | {rule} | n={len(problems)}")
     keys = list(next(iter(result.values())).keys())
     print(f"{'':>10} " + " ".join(f"{k:>17}" for k in keys))
     for label, m in result.items():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import cli, configure, load_model
+from common import cli, configure, decoding_rule, load_model
 from data import count_backtracks
 from model import generate
 from tasks import get_task, parse_answer
@@ -28,6 +28,8 @@ class Config:
     ckpt: str = DEFAULT_CKPT         # checkpoint folder (this project's or a Hugging Face one)
     raw: bool = False                # feed the prompt text as is, without the task's format
     policy: str = ""                 # keep | rewind; "" = the one the checkpoint was trained with
+    slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
+    max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
     temperature: float = 0.0         # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
@@ -106,8 +108,7 @@ def check_args(cfg):
         raise ValueError(f"--max_new_tokens={cfg.max_new_tokens}: must be >= 1")
     if cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
         raise ValueError(f"--top_k={cfg.top_k} --top_p={cfg.top_p}: top_k >= 0 and 0 < top_p <= 1")
-    if cfg.policy not in ("", "keep", "rewind"):
-        raise ValueError(f"--policy={cfg.policy}: expected keep or rewind")
+    decoding_rule(cfg, {})   # checks --policy, --slot_bans and --max_retries
     if cfg.color not in ("auto", "always", "never"):
         raise ValueError(f"--color={cfg.color}: expected auto, always or never")
     if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
@@ -121,7 +122,7 @@ def main(argv=None):
     check_args(cfg)
     model, tok = load_model(cfg.ckpt, device=cfg.device)
     meta = model.meta
-    policy = cfg.policy or meta.get("policy", "rewind")
+    rule = decoding_rule(cfg, meta)
     task = None if cfg.raw or "task" not in meta else get_task(meta["task"], **meta.get("task_kwargs", {}))
     text = task.prompt({"question": cfg.prompt}) if task is not None else cfg.prompt
     prompt = tok.encode(text)
@@ -131,7 +132,7 @@ def main(argv=None):
                          "shorten the prompt")
     max_new_tokens = min(cfg.max_new_tokens, room)
     tty = sys.stdout.isatty() if cfg.color == "auto" else cfg.color == "always"
-    print(f"[{cfg.ckpt} | policy={policy} | T={cfg.temperature} | {cfg.num_samples} sample(s)]")
+    print(f"[{cfg.ckpt} | {rule['policy']} | T={cfg.temperature} | {cfg.num_samples} sample(s)]")
     if max_new_tokens < cfg.max_new_tokens:
         print(f"[the block leaves room for {max_new_tokens} new tokens after the prompt]")
     torch.manual_seed(cfg.seed)
@@ -139,7 +140,7 @@ def main(argv=None):
     printer = Printer(tok, sys.stdout, tty)
     if stream:
         sys.stdout.write(text)
-    out = generate(model, [prompt] * cfg.num_samples, max_new_tokens=max_new_tokens, policy=policy,
+    out = generate(model, [prompt] * cfg.num_samples, max_new_tokens=max_new_tokens, **rule,
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    max_backtracks=None if cfg.max_backtracks < 0 else cfg.max_backtracks, seed=cfg.seed,
                    device=cfg.device, on_step=(lambda b, t, popped: printer.step(t, popped)) if stream else None)

@@ -519,27 +519,45 @@ def sample(logprobs, gen):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.0, top_k=0, top_p=1.0,
              max_backtracks=None, seed=None, stop_at_eot=True, on_step=None, force=None, return_logits=False,
-             device=None):
+             device=None, slot_bans=True, max_retries=None, stop_ids=None):
     """Sample a response for each prompt (list of id lists), all rows in one cache.
 
     policy 'keep': BK is appended like any token. policy 'rewind': BK frees the top slot in place
-    and is not written; the slot below acts again from its stored logits, with every token
-    deleted at that slot banned there. Shared bans: BK while the response is empty, and BK
-    once max_backtracks are spent. Returns, per row, dict(response=raw actions incl. BK,
-    logprobs=log-prob of each action under the sampled distribution, resolved=ids).
+    (KVCache.pop) and is not written; the slot below acts again from its stored hidden state. Bans
+    (docs/backtrack-semantics.md §4, the same rules as data.layout): BK while the response is
+    empty, BK once max_backtracks are spent, BK on a slot already backtracked max_retries times,
+    and under 'rewind' with slot_bans every token deleted at a slot, there. A row whose every
+    token is banned ends. Rows end at any of stop_ids (default: end-of-text, unless stop_at_eot
+    is False). Returns, per row, dict(response=raw actions incl. BK, logprobs=log-prob of each
+    action under the sampled distribution, resolved=ids).
     on_step(row, token, popped_token_or_None) is called for each action (for streaming).
     force: per row, a list of actions to replay instead of sampling (tests, scoring); a row
     ends when its list does. return_logits: also return each action's raw logits.
+
+    The bookkeeping (stacks, bans, retry counts, caps, finished rows) lives in tensors and is
+    updated for all rows at once: no per-row Python and no per-row device sync in the loop.
     """
+    if policy not in ("keep", "rewind"):
+        raise ValueError(f"unknown policy {policy!r}: expected 'keep' or 'rewind'")
+    if policy == "rewind" and not slot_bans and max_retries is None and not (temperature and temperature > 0) \
+            and force is None:
+        raise ValueError("greedy `rewind` decoding needs slot bans or a retry limit: a rewound state equals an "
+                         "earlier one, so greedy decoding would loop (docs/backtrack-semantics.md §4)")
     cfg = model.config
     device = device or next(model.parameters()).device
     B = len(prompts)
-    bk, eot = cfg.bk_id, cfg.eot_id
+    bk = cfg.bk_id
     gen = torch.Generator(device=device)
     if seed is not None:
         gen.manual_seed(seed)
     if force is not None:   # replaying: the cache must hold every forced action
         max_new_tokens = max(len(f) for f in force)
+        forced = torch.zeros(B, max(max_new_tokens, 1), dtype=torch.long)
+        for b, f in enumerate(force):
+            forced[b, :len(f)] = torch.tensor(f, dtype=torch.long)
+        forced, force_len = forced.to(device), torch.tensor([len(f) for f in force], device=device)
+    stops = torch.tensor(list(stop_ids) if stop_ids is not None else [cfg.eot_id] if stop_at_eot else [],
+                         dtype=torch.long, device=device)
     plen = torch.tensor([len(p) for p in prompts], device=device)
     Tp = int(plen.max())
     max_len = Tp + max_new_tokens + 1
@@ -552,67 +570,77 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         idx[b, :len(p)] = torch.tensor(p, device=device)
     model.hidden(idx, torch.arange(Tp, device=device).expand(B, Tp), cache=cache)
     cache.lengths.copy_(plen)
-    stacks = [[] for _ in range(B)]        # surviving response tokens per row (slot = plen + index)
-    bans = [dict() for _ in range(B)]      # rewind: slot -> tokens deleted there
-    n_bk = [0] * B
-    out = [dict(response=[], logprobs=[], logits=[]) for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    D = max_new_tokens + 2                  # stack depths 0..max_new_tokens (+1 spare for the clear below)
+    K = max(1, min(x for x in (max_retries, max_backtracks, max_new_tokens) if x is not None))
     rows = torch.arange(B, device=device)
-    if force is not None:
-        done = torch.tensor([len(f) == 0 for f in force], device=device)
+    stack = torch.zeros(B, D, dtype=torch.long, device=device)       # surviving response tokens, by depth
+    depth = torch.zeros(B, dtype=torch.long, device=device)          # how many survive
+    n_bk = torch.zeros(B, dtype=torch.long, device=device)
+    retries = torch.zeros(B, D, dtype=torch.long, device=device)     # depth -> deletions there (§4)
+    ban_tok = torch.zeros(B, D, K, dtype=torch.long, device=device)  # rewind: tokens deleted at each depth
+    ban_n = torch.zeros(B, D, dtype=torch.long, device=device)
+    done = force_len == 0 if force is not None else torch.zeros(B, dtype=torch.bool, device=device)
+    actions, logprobs, alive, kept_logits = [], [], [], []
+    V = cfg.vocab_size
     for step in range(max_new_tokens):
-        top = cache.lengths - 1
-        logits = model.lm_head(cache.h[rows, top])                  # (B, V)
-        ban = torch.zeros_like(logits, dtype=torch.bool)
+        logits = model.lm_head(cache.h[rows, cache.lengths - 1])       # (B, V)
+        ban = torch.zeros(B, V + 1, dtype=torch.bool, device=device)  # column V: where unused entries go
         ban[:, cfg.n_vocab:] = True
-        for b in range(B):
-            if policy == "rewind":
-                for t in bans[b].get(int(top[b]), ()):
-                    ban[b, t] = True
-            if not stacks[b] or (max_backtracks is not None and n_bk[b] >= max_backtracks):
-                ban[b, bk] = True
+        if policy == "rewind" and slot_bans:
+            cur = ban_tok[rows, depth]                                  # (B, K)
+            used = torch.arange(K, device=device) < ban_n[rows, depth].unsqueeze(1)
+            ban.scatter_(1, torch.where(used, cur, V), True)
+        no_bk = depth == 0
+        if max_backtracks is not None:
+            no_bk |= n_bk >= max_backtracks
+        if max_retries is not None:
+            no_bk |= (depth > 0) & (retries[rows, (depth - 1).clamp(min=0)] >= max_retries)
+        ban[:, bk] |= no_bk
+        ban = ban[:, :V]
         # a row whose every token is banned has tried and deleted everything at this slot: it ends
-        done |= ban.all(-1)
+        done = done | ban.all(-1)
         ban[done] = False  # keep the distribution defined for finished rows; their samples are discarded
         lp = shape_logits(logits, temperature, top_k, top_p, ban)
         if force is not None:
-            nxt = torch.tensor([f[step] if step < len(f) else 0 for f in force], device=device)
+            nxt = forced[:, step] if step < forced.shape[1] else torch.zeros_like(depth)
         elif temperature and temperature > 0:
             nxt = sample(lp, gen)
         else:
             nxt = lp.argmax(-1)
-        nlp = lp[rows, nxt]
-        write = torch.zeros(B, dtype=torch.bool, device=device)
-        for b in range(B):
-            if done[b]:
-                continue
-            t = int(nxt[b])
-            out[b]["response"].append(t)
-            out[b]["logprobs"].append(float(nlp[b]))
-            if return_logits:
-                out[b]["logits"].append(logits[b].clone())
-            popped = None
-            if t == bk:
-                n_bk[b] += 1
-                if stacks[b]:
-                    popped = stacks[b].pop()
-                if policy == "rewind":
-                    if popped is not None:
-                        slot = int(cache.lengths[b]) - 1
-                        bans[b].pop(slot, None)
-                        bans[b].setdefault(slot - 1, set()).add(popped)
-                        cache.pop(b)
-                else:
-                    write[b] = True
-            else:
-                stacks[b].append(t)
-                write[b] = True
-            if on_step is not None:
-                on_step(b, t, popped)
-            ended = (step + 1 >= len(force[b])) if force is not None else (stop_at_eot and t == eot)
-            if ended or int(cache.lengths[b]) + int(write[b]) >= max_len:
-                done[b] = True
-                write[b] = False
+        live = ~done
+        actions.append(nxt); logprobs.append(lp[rows, nxt]); alive.append(live)
+        if return_logits:
+            kept_logits.append(logits)
+        is_bk = live & (nxt == bk)
+        pop = is_bk & (depth > 0)
+        push = live & ~is_bk
+        if on_step is not None:   # streaming reads each row's action: one sync, only when asked
+            popped = stack[rows, (depth - 1).clamp(min=0)]
+            for b in live.nonzero().flatten().tolist():
+                on_step(b, int(nxt[b]), int(popped[b]) if pop[b] else None)
+        # a pop from depth d+1 to d: the popped token's own retry count and bans go with it; the
+        # token is banned at depth d (rewind) and depth d counts one more retry
+        d = depth - pop.long()
+        clear = torch.where(pop, d + 1, D - 1)   # rows that do not pop clear the spare column
+        retries[rows, clear] = 0
+        ban_n[rows, clear] = 0
+        retries[rows, d] += pop.long()
+        if policy == "rewind" and slot_bans:
+            slot = ban_n[rows, d].clamp(max=K - 1)
+            ban_tok[rows, d, slot] = torch.where(pop, stack[rows, d], ban_tok[rows, d, slot])
+            ban_n[rows, d] += pop.long()
+        n_bk += is_bk.long()
+        stack[rows, depth.clamp(max=D - 1)] = torch.where(push, nxt, stack[rows, depth.clamp(max=D - 1)])
+        depth = d + push.long()
+        write = push if policy == "rewind" else live
+        if policy == "rewind":
+            cache.pop(pop)
+        ended = (step + 1 >= force_len) if force is not None else torch.isin(nxt, stops)
+        over = cache.lengths + write.long() >= max_len
+        finish = live & (ended | over)
+        done = done | finish
+        write = write & ~finish
         if bool(done.all()):
             break
         # one batched forward; rows that rewound or finished write a dummy token past their
@@ -621,8 +649,15 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         pos = cache.lengths.clone().clamp(max=max_len - 1).unsqueeze(1)
         model.hidden(tok, pos, cache=cache)
         cache.lengths += write.long()
+    # one transfer of everything recorded, then per-row lists
+    A = torch.stack(actions, 1).tolist() if actions else [[] for _ in range(B)]
+    L = torch.stack(logprobs, 1).tolist() if actions else [[] for _ in range(B)]
+    M = torch.stack(alive, 1).tolist() if actions else [[] for _ in range(B)]
+    S, n = stack.tolist(), depth.tolist()
+    out = []
     for b in range(B):
-        out[b]["resolved"] = stacks[b]   # the surviving tokens: resolve(response), kept as we went
+        keep = [i for i, a in enumerate(M[b]) if a]
+        o = dict(response=[A[b][i] for i in keep], logprobs=[L[b][i] for i in keep], resolved=S[b][:n[b]])
+        o["logits"] = [kept_logits[i][b] for i in keep] if return_logits else []
+        out.append(o)
     return out
-
-

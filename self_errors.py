@@ -58,8 +58,8 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-from common import cli, configure, load_model, parse_kwargs
-from data import Trace, completion_batch, resolve
+from common import cli, configure, decoding_rule, load_model, parse_kwargs
+from data import Trace, as_rule, completion_batch, resolve
 from model import completion_logprobs, generate
 from tasks import checkpoint_task
 
@@ -70,6 +70,8 @@ class Config:
     task: str = ""                   # default: the checkpoint's task (and its settings)
     task_kwargs: str = ""
     policy: str = ""                 # rewind | keep; "" = the checkpoint's
+    slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
+    max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
     n: int = 500                     # TRAIN problems to sample
     samples: int = 4                 # completions per problem
     temperature: float = 1.0
@@ -211,7 +213,7 @@ def needless_deletion(response, reference, bk_id):
 
 
 @torch.no_grad()
-def backtrack_gain(model, cands, bk_id, policy, score="full", batch_size=64):
+def backtrack_gain(model, cands, bk_id, rule, score="full", batch_size=64):
     """gain per candidate (see the docstring): log p(with backtracks) - log p(straight on), both
     over the completion after the shared context prompt + prefix + error."""
     assert score in ("full", "correction"), f"filter_score must be full | correction, not {score!r}"
@@ -229,15 +231,15 @@ def backtrack_gain(model, cands, bk_id, policy, score="full", batch_size=64):
         for c in part:
             traces.append(Trace(c["prompt"], c["prefix"] + c["correction"]))
             starts.append(len(c["prefix"]))
-        lp = completion_logprobs(model, completion_batch(traces, starts, bk_id, policy, device=device))
+        lp = completion_logprobs(model, completion_batch(traces, starts, bk_id, rule, device=device))
         gains.append(lp[:len(part)] - lp[len(part):])
     model.train(was_training)
     return torch.cat(gains).tolist() if gains else []
 
 
-def apply_filter(model, cands, bk_id, policy, score="full", threshold=0.0, batch_size=64):
+def apply_filter(model, cands, bk_id, rule, score="full", threshold=0.0, batch_size=64):
     """The candidates whose gain > threshold; every candidate gets its 'gain'."""
-    for c, g in zip(cands, backtrack_gain(model, cands, bk_id, policy, score, batch_size)):
+    for c, g in zip(cands, backtrack_gain(model, cands, bk_id, rule, score, batch_size)):
         c["gain"] = g
     return [c for c in cands if c["gain"] > threshold]
 
@@ -268,11 +270,11 @@ def main(argv=None):
     meta = model.meta
     task_name, task_kwargs, task = checkpoint_task(meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
-    policy = cfg.policy or meta.get("policy", "rewind")
+    rule = decoding_rule(cfg, meta)
     max_new_tokens = cfg.max_new_tokens or meta.get("max_new_tokens", 128)
     problems = task.problems("train", n=cfg.n, seed=cfg.seed)
     task.check_train(problems)  # the model's errors on test problems must never become training data
-    print(f"{cfg.ckpt} | task={task_name} policy={policy} | {len(problems)} train problems x {cfg.samples} samples "
+    print(f"{cfg.ckpt} | task={task_name} {rule} | {len(problems)} train problems x {cfg.samples} samples "
           f"at T={cfg.temperature}")
 
     t0 = time.time()
@@ -282,7 +284,7 @@ def main(argv=None):
     cap = None if cfg.max_backtracks < 0 else cfg.max_backtracks
     for s in range(0, len(jobs), cfg.batch_size):
         part = jobs[s:s + cfg.batch_size]
-        outs = generate(model, [q for _, q in part], max_new_tokens=max_new_tokens, policy=policy,
+        outs = generate(model, [q for _, q in part], max_new_tokens=max_new_tokens, **as_rule(rule),
                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cap,
                         seed=cfg.seed * 1_000_003 + s)
         for (p, prompt), o in zip(part, outs):
@@ -319,7 +321,7 @@ def main(argv=None):
     stats["candidates"] = len(cands)
     kept = cands
     if cfg.filter:
-        kept = apply_filter(model, cands, tok.bk_id, policy, cfg.filter_score, cfg.filter_threshold, cfg.batch_size)
+        kept = apply_filter(model, cands, tok.bk_id, rule, cfg.filter_score, cfg.filter_threshold, cfg.batch_size)
         gains = sorted(c["gain"] for c in cands)
         if gains:
             stats["gain_median"] = gains[len(gains) // 2]

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (all_reduce_sum, cli, end_step, eval_and_log, finish, freeze_all_but_bk, load_policy,
+from common import (all_reduce_sum, cli, decoding_rule, end_step, eval_and_log, finish, freeze_all_but_bk, load_stage_model,
                     lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
-from data import Trace, collate, completion_batch, layout
+from data import Trace, as_rule, collate, completion_batch, layout
 from model import completion_logprobs
 from tasks import checkpoint_task, read_jsonl
 
@@ -51,6 +51,8 @@ class Config:
     task: str = ""
     task_kwargs: str = ""
     policy: str = ""                  # rewind | keep; "" = the checkpoint's
+    slot_bans: str = ""               # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
+    max_retries: str = ""             # per-slot retry limit: a number | none; "" = the checkpoint's
     # loss
     loss_type: str = "sigmoid"        # sigmoid (DPO) | ipo
     beta: float = 0.1
@@ -86,23 +88,23 @@ class Config:
 # pairs: only the completions are scored (data.completion_batch, model.completion_logprobs)
 
 
-def pair_batch(pairs, bk_id, policy, device="cpu"):
+def pair_batch(pairs, bk_id, rule, device="cpu"):
     """Chosen rows first, then rejected rows, each prompt + shared prefix + completion."""
     traces = [Trace(p["prompt"], p["prefix"] + p[k]) for k in ("chosen", "rejected") for p in pairs]
     starts = [len(p["prefix"]) for _ in ("chosen", "rejected") for p in pairs]
-    return completion_batch(traces, starts, bk_id, policy, device=device)
+    return completion_batch(traces, starts, bk_id, rule, device=device)
 
 
-def check_pairs(pairs, path, bk_id, policy):
+def check_pairs(pairs, path, bk_id, rule):
     """A completion action the policy bans (e.g. under `rewind`, rewriting the token just deleted
     at that slot) has log-prob -inf: the pair could never be sampled and its loss is not finite."""
     for i, p in enumerate(pairs, 1):
         for k in ("chosen", "rejected"):
-            L = layout(Trace(p["prompt"], p["prefix"] + p[k]), bk_id, policy, mask_errors=False)
+            L = layout(Trace(p["prompt"], p["prefix"] + p[k]), bk_id, **as_rule(rule), mask_errors=False)
             for a in range(len(p["prefix"]), len(L["tgt"])):
                 if L["tgt"][a] in L["bans"][a]:
                     raise SystemExit(f"error: {path}: pair {i}: its {k} completion takes token {L['tgt'][a]}, which the "
-                                     f"`{policy}` policy bans at that point; the pair cannot be scored")
+                                     f"decoding rule {as_rule(rule)} bans at that point; the pair cannot be scored")
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid"):
@@ -170,14 +172,14 @@ def pair_indices(step, seed, n, size):
 
 
 @torch.no_grad()
-def reference_logprobs(model, pairs, bk_id, policy, batch_size, device):
+def reference_logprobs(model, pairs, bk_id, rule, batch_size, device):
     """(chosen, rejected) completion log-probs of every pair under `model`, frozen."""
     was_training = model.training
     model.eval()
     c, r = [], []
     for s in range(0, len(pairs), batch_size):
         part = pairs[s:s + batch_size]
-        lp = completion_logprobs(model, pair_batch(part, bk_id, policy, device))
+        lp = completion_logprobs(model, pair_batch(part, bk_id, rule, device))
         c.append(lp[:len(part)]); r.append(lp[len(part):])
     model.train(was_training)
     return torch.cat(c), torch.cat(r)
@@ -189,14 +191,14 @@ def main(argv=None):
     cfg, ddp, rank, world, device = start_run(Config(), argv)
     master = rank == 0
     resuming = cfg.init_from == "resume"
-    model, tok, init_meta = load_policy(cfg.out_dir if resuming else cfg.init_from, device, "DPO")
+    model, tok, init_meta = load_stage_model(cfg.out_dir if resuming else cfg.init_from, device, "DPO")
     ref_path = init_meta.get("dpo_reference", cfg.init_from) if resuming else cfg.init_from
     task_name, task_kwargs, task = checkpoint_task(init_meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
-    policy = cfg.policy or init_meta.get("policy", "rewind")
+    rule = decoding_rule(cfg, init_meta)
     max_new_tokens = cfg.max_new_tokens or init_meta.get("max_new_tokens", 128)
     pairs = load_pairs(cfg.pairs_file, model.config.block_size, model.config.n_vocab)
-    check_pairs(pairs, cfg.pairs_file, model.config.bk_id, policy)
+    check_pairs(pairs, cfg.pairs_file, model.config.bk_id, rule)
     questions = [dict(question=p["question"]) for p in pairs if p["question"] is not None]
     task.check_train(questions)  # pairs of test problems would leak the held-out set into training
     phash = pairs_hash(pairs)
@@ -208,8 +210,8 @@ def main(argv=None):
         if ref["pairs_hash"] != phash:
             raise SystemExit(f"error: {cfg.pairs_file} is not the pairs file this run started with")
     else:
-        ref_model = model if not resuming else load_policy(ref_path, device, "DPO")[0]
-        ref_c, ref_r = reference_logprobs(ref_model, pairs, tok.bk_id, policy, 2 * cfg.batch_size, device)
+        ref_model = model if not resuming else load_stage_model(ref_path, device, "DPO")[0]
+        ref_c, ref_r = reference_logprobs(ref_model, pairs, tok.bk_id, rule, 2 * cfg.batch_size, device)
         ref = dict(chosen=ref_c.cpu(), rejected=ref_r.cpu(), pairs_hash=phash, reference=ref_path)
         del ref_model
         if master:
@@ -224,13 +226,13 @@ def main(argv=None):
     model = wrap(model, cfg, ddp)
     global_size = cfg.batch_size * cfg.grad_accum * world
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
-    meta = dict(task=task_name, task_kwargs=task_kwargs, policy=policy, max_new_tokens=max_new_tokens,
+    meta = dict(task=task_name, task_kwargs=task_kwargs, **rule, max_new_tokens=max_new_tokens,
                 stage="dpo", dpo_reference=ref_path)
     if master:
         print(f"model: {raw.num_params() / 1e6:.2f}M parameters | reference {ref_path} | {len(pairs)} pairs | "
-              f"loss={cfg.loss_type} beta={cfg.beta} | global batch {global_size} pairs | policy={policy} | world {world}")
+              f"loss={cfg.loss_type} beta={cfg.beta} | global batch {global_size} pairs | {rule} | world {world}")
 
-    run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, policy, cfg, log, max_new_tokens)
+    run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, rule, cfg, log, max_new_tokens)
 
     if master and cfg.eval_at_start and start == 0 and cfg.eval_interval > 0:
         run_eval(0)
@@ -251,7 +253,7 @@ def main(argv=None):
         stats = torch.zeros(6, dtype=torch.float64)
         for a in range(cfg.grad_accum):
             part = mine[a * per_micro:(a + 1) * per_micro]
-            batch = pair_batch([pairs[i] for i in part], tok.bk_id, policy, device)
+            batch = pair_batch([pairs[i] for i in part], tok.bk_id, rule, device)
             sync = not ddp or a == cfg.grad_accum - 1
             ctx = model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
             with ctx:

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (all_reduce_sum, cli, end_step, eval_and_log, finish, freeze_all_but_bk, load_policy, lr_at,
+from common import (all_reduce_sum, cli, decoding_rule, end_step, eval_and_log, finish, freeze_all_but_bk, load_stage_model, lr_at,
                     make_optimizer, parse_kwargs, progress_bar, reduce_dict, restore, save_checkpoint, start_run, wrap)
-from data import Trace, collate, layout
+from data import Trace, as_rule, collate, layout
 from model import GPT, action_logprobs, generate, unwrap
 from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
 from tasks import checkpoint_task
@@ -47,6 +47,8 @@ class Config:
     task: str = ""
     task_kwargs: str = ""
     policy: str = ""                 # rewind | keep; "" = the checkpoint's
+    slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
+    max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
     n_train: int = 50000             # size of the training problem pool
     # rollouts
     prompts_per_step: int = 16       # P: prompts per step, over all processes
@@ -156,14 +158,14 @@ def kl_k3(logp, ref_logp):
 
 
 @torch.no_grad()
-def rollout(model, tok, task, problems, cfg, policy, seed, budget, weights, rc):
+def rollout(model, tok, task, problems, cfg, rule, seed, budget, weights, rc):
     """G completions of each problem, generated together; each scored. Returns one dict per
     completion (group after group): prompt, response, logprobs, reward, components."""
     raw = unwrap(model)
     was_training = raw.training
     raw.eval()
     prompts = [tok.encode(task.prompt(p)) for p in problems for _ in range(cfg.group_size)]
-    outs = generate(raw, prompts, max_new_tokens=cfg.max_new_tokens, policy=policy, temperature=cfg.temperature,
+    outs = generate(raw, prompts, max_new_tokens=cfg.max_new_tokens, **as_rule(rule), temperature=cfg.temperature,
                     top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cfg.max_backtracks, seed=seed)
     raw.train(was_training)
     rows = []
@@ -174,11 +176,11 @@ def rollout(model, tok, task, problems, cfg, policy, seed, budget, weights, rc):
     return rows
 
 
-def recompute_batches(rows, tok, policy, cfg, device):
+def recompute_batches(rows, tok, rule, cfg, device):
     """Collated training batches of micro_batch rows each, with the index of each batch's first row."""
     out = []
     for s in range(0, len(rows), cfg.micro_batch):
-        lays = [layout(Trace(r["prompt"], r["response"]), tok.bk_id, policy, mask_errors=False,
+        lays = [layout(Trace(r["prompt"], r["response"]), tok.bk_id, **as_rule(rule), mask_errors=False,
                        max_backtracks=cfg.max_backtracks) for r in rows[s:s + cfg.micro_batch]]
         out.append((s, collate(lays, device=device)))
     return out
@@ -207,13 +209,13 @@ def main(argv=None):
     cfg, ddp, rank, world, device = start_run(Config(), argv, check_args)
     master = rank == 0
     resuming = cfg.init_from == "resume"
-    model, tok, init_meta = load_policy(cfg.out_dir if resuming else cfg.init_from, device, "GRPO")
+    model, tok, init_meta = load_stage_model(cfg.out_dir if resuming else cfg.init_from, device, "GRPO")
     if cfg.embedding_only:
         freeze_all_but_bk(model, tok.bk_id)
     sft_path = init_meta.get("sft_checkpoint", cfg.init_from) if resuming else cfg.init_from
     task_name, task_kwargs, task = checkpoint_task(init_meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
-    policy = cfg.policy or init_meta.get("policy", "rewind")
+    rule = decoding_rule(cfg, init_meta)
     optimizer = make_optimizer(model, cfg)
     start, log = restore(optimizer, cfg, resuming, master)
     ref = None
@@ -227,15 +229,15 @@ def main(argv=None):
     weight_schedule = WeightSchedule.from_string(cfg.reward_weights)
     pool = task.problems("train", n=cfg.n_train, seed=cfg.seed)
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
-    meta = dict(task=task_name, task_kwargs=task_kwargs, policy=policy, max_new_tokens=cfg.max_new_tokens,
+    meta = dict(task=task_name, task_kwargs=task_kwargs, **rule, max_new_tokens=cfg.max_new_tokens,
                 stage="grpo", sft_checkpoint=sft_path)
     G, P_local = cfg.group_size, cfg.prompts_per_step // world
     L = cfg.dr_grpo_tokens or cfg.max_new_tokens
     if master:
-        print(f"model: {raw.num_params() / 1e6:.2f}M parameters | from {sft_path} | task={task_name} policy={policy} | "
+        print(f"model: {raw.num_params() / 1e6:.2f}M parameters | from {sft_path} | task={task_name} {rule} | "
               f"{cfg.prompts_per_step} prompts x {G} completions per step | loss={cfg.loss_type} | world {world}")
 
-    run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, policy, cfg, log, cfg.max_new_tokens,
+    run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, rule, cfg, log, cfg.max_new_tokens,
                                          cfg.max_backtracks)
 
     if master and cfg.eval_at_start and start == 0 and cfg.eval_interval > 0:
@@ -258,7 +260,7 @@ def main(argv=None):
         probs = [pool[rng.randrange(len(pool))] for _ in range(cfg.prompts_per_step)]
         mine = probs[rank * P_local:(rank + 1) * P_local]
         tg = time.time()
-        rows = rollout(model, tok, task, mine, cfg, policy, (cfg.seed * 1_000_003 + step) * 1024 + rank,
+        rows = rollout(model, tok, task, mine, cfg, rule, (cfg.seed * 1_000_003 + step) * 1024 + rank,
                        budget, weights, rc)
         gen_time += time.time() - tg
         gen_tokens += sum(len(r["response"]) for r in rows)
@@ -281,7 +283,7 @@ def main(argv=None):
         w_seq = sequence_weights(counted, cfg.loss_type, n_seq, int(n_glob[1]), L)
 
         # 3. policy gradient: num_iterations passes over the batch, each one optimizer step
-        batches = recompute_batches(rows, tok, policy, cfg, device)
+        batches = recompute_batches(rows, tok, rule, cfg, device)
         old = [None] * len(batches)   # log-probs of the first pass (== the rollout's), the ratio's pi_old
         ref_lp = [None] * len(batches)
         stats = dict(loss=0.0, kl=0.0, clip_low=0.0, clip_high=0.0, tokens=0.0)

@@ -42,6 +42,8 @@ class Config:
     task_kwargs: str = ""            # e.g. "steps=3,digits=1" (passed to data.get_task)
     tokenizer: str = "byte"          # byte | gpt2 | path to a Hugging Face tokenizer folder
     policy: str = "rewind"           # rewind (errors leave the context) | keep (errors stay visible)
+    slot_bans: bool = True           # rewind: a token deleted at a slot is banned there (docs §4; needed for greedy)
+    max_retries: int = -1            # per-slot retry limit: BK is banned on a slot backtracked this often; -1 = none
     mask_errors: bool = True         # no loss on predicting an error token
     backtrack_ratio: float = 0.5     # share of traces that contain errors and backtracks
     augment: str = "plausible"       # plausible | random | lcs (see data.build_traces)
@@ -109,7 +111,7 @@ def micro_batches(traces, cfg, tok, rank, world, max_bk, device):
     per_micro = per_rank // cfg.grad_accum
     out = []
     for a in range(cfg.grad_accum):
-        lays = [layout(t, tok.bk_id, cfg.policy, mask_errors=cfg.mask_errors)
+        lays = [layout(t, tok.bk_id, **sft_rule(cfg), mask_errors=cfg.mask_errors)
                 for t in mine[a * per_micro:(a + 1) * per_micro]]
         for L in lays:
             for t, w, b in zip(L["tgt"], L["weight"], L["bans"]):
@@ -123,6 +125,12 @@ def micro_batches(traces, cfg, tok, rank, world, max_bk, device):
             lays = pack(lays, cfg.block_size)
         out.append(collate(lays, device=device))
     return out
+
+
+def sft_rule(cfg):
+    """The decoding rule (data.as_rule) this run trains under; the checkpoint records it, so later
+    stages, evaluation and generation decode under the same bans."""
+    return dict(policy=cfg.policy, slot_bans=cfg.slot_bans, max_retries=None if cfg.max_retries < 0 else cfg.max_retries)
 
 
 def tokens_per_step(cfg, tok, task, pool, extra=None):
@@ -165,13 +173,13 @@ def main(argv=None):
     if master and (cfg.max_tokens > 0 or cfg.evals > 0):
         print(f"max_iters={cfg.max_iters} eval_interval={cfg.eval_interval}")
     curriculum = Curriculum.from_string(cfg.curriculum)
-    meta = dict(task=cfg.task, task_kwargs=task_kwargs, policy=cfg.policy, max_new_tokens=cfg.max_new_tokens, stage="sft")
+    meta = dict(task=cfg.task, task_kwargs=task_kwargs, **sft_rule(cfg), max_new_tokens=cfg.max_new_tokens, stage="sft")
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     if master:
         print(f"model: {raw.num_params() / 1e6:.2f}M parameters | global batch {global_size} traces | "
               f"policy={cfg.policy} mask_errors={cfg.mask_errors} | world {world}")
 
-    run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, cfg.policy, cfg, log, cfg.max_new_tokens)
+    run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, sft_rule(cfg), cfg, log, cfg.max_new_tokens)
 
     save = lambda step: save_checkpoint(model, optimizer, step, cfg, meta, log)
     if master and start == 0:

@@ -155,6 +155,52 @@ def test_rollout_logprobs_match_training_forward():
             assert (lp - rec).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("slot_bans, max_retries", [(False, None), (True, 1), (False, 2), (True, 0)])
+def test_ban_knob_and_retry_limit_agree_between_decoding_and_layout(slot_bans, max_retries):
+    """Invariant 4 with the §4 knobs: sampling without slot bans (a rewind is a resample) and with a
+    per-slot retry limit scores the same in the training layout; the limit holds in every sample."""
+    for policy in ["keep", "rewind"]:
+        m = tiny()
+        with torch.no_grad():   # a model that backtracks often
+            u = torch.nn.functional.normalize(torch.randn(32), dim=0)
+            m.transformer.ln_f.bias.copy_(u)
+            m.transformer.wte.weight[BK] = 3 * u
+        prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]] * 2
+        out = generate(m, prompts, max_new_tokens=40, policy=policy, temperature=1.0, seed=1,
+                       slot_bans=slot_bans, max_retries=max_retries)
+        traces = [Trace(pr, o["response"]) for pr, o in zip(prompts, out)]
+        n_bk = sum(o["response"].count(BK) for o in out)
+        assert (n_bk == 0) == (max_retries == 0)
+        lays = [layout(t, BK, policy, slot_bans=slot_bans, max_retries=max_retries) for t in traces]
+        with torch.no_grad():
+            lp = action_logprobs(m, collate(lays), 1.0)
+        rec = torch.tensor([x for o in out for x in o["logprobs"]])
+        assert torch.isfinite(lp).all() and (lp - rec).abs().max().item() < 1e-5
+        for o in out:   # no stack depth is backtracked more than max_retries times in a row of its life
+            stack, retries = [], {}
+            for t in o["response"]:
+                if t == BK and stack:
+                    stack.pop()
+                    retries.pop(len(stack) + 1, None)
+                    retries[len(stack)] = retries.get(len(stack), 0) + 1
+                    assert max_retries is None or retries[len(stack)] <= max_retries
+                elif t != BK:
+                    stack.append(t)
+    # without slot bans a rewind is a resample: the deleted token may be written again at its slot
+    # (the layout records bans whether or not the trace obeys them); the retry limit bans a second BK at depth 1
+    L = layout(Trace([1], [5, 7, BK, 7, BK]), BK, "rewind", slot_bans=slot_bans, max_retries=max_retries)
+    assert (7 in L["bans"][3]) == slot_bans
+    assert (BK in L["bans"][4]) == (max_retries is not None and max_retries <= 1)
+
+
+def test_greedy_rewind_without_slot_bans_needs_a_retry_limit():
+    m = tiny()
+    with pytest.raises(ValueError, match="retry limit"):
+        generate(m, [[1, 2]], max_new_tokens=4, policy="rewind", temperature=0, slot_bans=False)
+    out = generate(m, [[1, 2]], max_new_tokens=4, policy="rewind", temperature=0, slot_bans=False, max_retries=1)
+    assert len(out[0]["response"]) > 0
+
+
 def test_greedy_rewind_never_loops_and_cap_holds():
     m = tiny()
     with torch.no_grad():   # a model that wants to backtrack after every token
