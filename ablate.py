@@ -6,12 +6,19 @@ The ablation in one command: does backtracking help, and which way of training i
 
 Every variant is trained from scratch on the same task with the same number of training tokens
 (backtrack traces are longer than clean ones, so each variant gets its own step count), then
-evaluated on the same held-out problems, greedy and at T=1.0. Variants:
+evaluated by evaluate.py on the same held-out problems, greedy and at T=1.0, and, with
+--long_kwargs, on a harder split (e.g. more variables than training) too. The clean model is also
+sampled --vote_k times per problem: its majority vote (no oracle) is the baseline at equal
+generated tokens, and pass@k (an oracle picks any right sample) an upper bound. Variants:
 
-    clean          SFT on clean solutions only (no backtrack token in the data)
-    keep_masked    backtrack traces, errors visible (`keep`), no loss on error tokens
-    keep_unmasked  backtrack traces, errors visible, loss on error tokens too
-    rewind         backtrack traces, error-hiding layout (`rewind`), no loss on error tokens
+    clean            SFT on clean solutions only (no backtrack token in the data)
+    keep_masked      backtrack traces, errors visible (`keep`), no loss on error tokens
+    keep_unmasked    backtrack traces, errors visible, loss on error tokens too
+    rewind           backtrack traces, error-hiding layout (`rewind`), no loss on error tokens
+    retry_keep       deps-style retry data (a line whose inputs are not ready, undone; Physics of
+                     Language Models 2.2): errors visible, trained on (unmasked)
+    retry_keep_masked, retry_rewind, retry_rewind_unmasked: the same with masking / the `rewind` layout
+    retry_weak_keep  retry_weak data (a line from later in the solution, undone), errors visible
     <v>+grpo       the SFT model of <v>, then GRPO (--grpo_iters steps)
     <v>+self       the SFT model of <v>, then a second SFT round (--stage_iters steps) with half of
                    each batch drawn from its own errors (self_errors.py)
@@ -40,6 +47,11 @@ VARIANTS = {
     "keep_masked": ["--policy=keep", "--mask_errors=True"],
     "keep_unmasked": ["--policy=keep", "--mask_errors=False"],
     "rewind": ["--policy=rewind", "--mask_errors=True"],
+    "retry_keep": ["--augment=retry", "--backtrack_ratio=1.0", "--policy=keep", "--mask_errors=False"],
+    "retry_keep_masked": ["--augment=retry", "--backtrack_ratio=1.0", "--policy=keep", "--mask_errors=True"],
+    "retry_rewind": ["--augment=retry", "--backtrack_ratio=1.0", "--policy=rewind", "--mask_errors=True"],
+    "retry_rewind_unmasked": ["--augment=retry", "--backtrack_ratio=1.0", "--policy=rewind", "--mask_errors=False"],
+    "retry_weak_keep": ["--augment=retry_weak", "--backtrack_ratio=1.0", "--policy=keep", "--mask_errors=False"],
 }
 
 
@@ -50,6 +62,10 @@ class Config:
     seeds: int = 3
     tokens: int = 2_000_000          # training tokens per SFT run (equal across variants)
     task: str = "arith"
+    task_kwargs: str = ""            # the training task's settings (e.g. "min_vars=3,max_vars=6")
+    long_kwargs: str = ""            # a harder held-out split's settings (e.g. "min_vars=8,max_vars=10"); "" = none
+    max_new_tokens: int = 0          # for evaluation; 0 = each checkpoint's own
+    vote_k: int = 4                  # samples per problem for the clean model's majority vote and pass@k; 0 = none
     eval_n: int = 300
     eval_points: int = 4             # held-out evaluations during each SFT run (the curves)
     grpo_iters: int = 100
@@ -66,10 +82,27 @@ def run(script, *args):
         raise SystemExit(f"error: {' '.join(cmd[1:])} failed")
 
 
-def final_eval(path):
+def curve(path):
+    """(step, held-out greedy accuracy) of the evaluations logged during training."""
     rows = [json.loads(l) for l in open(os.path.join(path, "metrics.jsonl"))]
-    evals = [r for r in rows if "eval/greedy/acc" in r]
-    return evals[-1], [(r["step"], r["eval/greedy/acc"]) for r in evals]
+    return [(r["step"], r["eval/greedy/acc"]) for r in rows if "eval/greedy/acc" in r]
+
+
+def final_eval(cfg, path, vote):
+    """evaluate.py on the test split and, with --long_kwargs, the harder one; flattened as
+    '<split>/<greedy|t1|vote>/<metric>'. vote: also the k-sample majority vote and pass@k."""
+    res = {}
+    splits = [("test", cfg.task_kwargs)] + ([("long", cfg.long_kwargs)] if cfg.long_kwargs else [])
+    for split, kw in splits:
+        out = os.path.join(path, f"eval_{split}.json")
+        run("evaluate.py", f"--ckpt={path}", f"--n={cfg.eval_n}", f"--out={out}", "--seed=1",
+            *([f"--task_kwargs={kw}"] if kw else []), *([f"--max_new_tokens={cfg.max_new_tokens}"] if cfg.max_new_tokens else []),
+            *([f"--samples={cfg.vote_k}"] if vote and cfg.vote_k > 1 else []))
+        for label, m in read_json(out).items():
+            if isinstance(m, dict):
+                key = "greedy" if label == "greedy" else "vote" if label.startswith("vote") else "t1"
+                res.update({f"{split}/{key}/{k}": v for k, v in m.items()})
+    return res
 
 
 def run_grpo(cfg, run_dir, out, seed, args):
@@ -146,41 +179,53 @@ def main(argv=None):
     extra = cfg.sft_args.split()
     t_start = time.time()
     for base in dict.fromkeys(v.partition("+")[0] for v in variants):
-        args = [f"--task={cfg.task}", *VARIANTS[base], *extra]
+        args = [f"--task={cfg.task}", *([f"--task_kwargs={cfg.task_kwargs}"] if cfg.task_kwargs else []),
+                *VARIANTS[base], *extra]
         for seed in range(cfg.seeds):
             name = f"{base}/seed{seed}"
             run_dir = os.path.join(cfg.out_dir, base, f"seed{seed}")
             if name not in results:   # finished runs are kept: the ablation can be resumed
                 # equal tokens: train_sft sets each variant's step count from its own tokens per step
-                run("train_sft.py", *args, f"--out_dir={run_dir}", f"--seed={seed}", f"--max_tokens={cfg.tokens}",
-                    f"--evals={cfg.eval_points}", f"--save_interval={10 ** 9}", f"--eval_n={cfg.eval_n}",
-                    "--progress=False")
+                if not os.path.exists(os.path.join(run_dir, "train_state.pt")):
+                    run("train_sft.py", *args, f"--out_dir={run_dir}", f"--seed={seed}", f"--max_tokens={cfg.tokens}",
+                        f"--evals={cfg.eval_points}", f"--save_interval={10 ** 9}", f"--eval_n={cfg.eval_n}",
+                        "--progress=False")
                 iters = read_json(os.path.join(run_dir, "config.json"))["train_config"]["max_iters"]
-                last, curve = final_eval(run_dir)
-                results[name] = dict(variant=base, seed=seed, iters=iters, curve=[(s / iters, a) for s, a in curve], **last)
+                results[name] = dict(variant=base, seed=seed, iters=iters,
+                                     curve=[(s / iters, a) for s, a in curve(run_dir)],
+                                     **final_eval(cfg, run_dir, vote=base == "clean"))
                 json.dump(results, open(results_path, "w"), indent=1)
             for stage in STAGES:
                 v = f"{base}+{stage}"
                 if stage and v in variants and f"{v}/seed{seed}" not in results:
                     out = run_dir + "-" + stage
-                    STAGES[stage](cfg, run_dir, out, seed, args)
-                    last, _ = final_eval(out)
-                    results[f"{v}/seed{seed}"] = dict(variant=v, seed=seed, **last)
+                    if not os.path.exists(os.path.join(out, "train_state.pt")):
+                        STAGES[stage](cfg, run_dir, out, seed, args)
+                    results[f"{v}/seed{seed}"] = dict(variant=v, seed=seed, **final_eval(cfg, out, vote=False))
                     json.dump(results, open(results_path, "w"), indent=1)
     # the table: mean +- std over seeds
-    cols = [("greedy acc", "eval/greedy/acc"), ("T=1 acc", "eval/t1/acc"), ("bk/sample (T=1)", "eval/t1/bk_per_sample"),
-            ("backtracked (T=1)", "eval/t1/share_backtracked"), ("precision (T=1)", "eval/t1/precision")]
+    splits = ["test"] + (["long"] if cfg.long_kwargs else [])
+    cols = [(f"{m} ({sp})", f"{sp}/{k}/acc") for sp in splits for m, k in (("greedy", "greedy"), ("T=1", "t1"))]
+    cols += [(f"bk/sample T=1 ({splits[-1]})", f"{splits[-1]}/t1/bk_per_sample"),
+             (f"tokens/problem greedy ({splits[-1]})", f"{splits[-1]}/greedy/mean_len")]
     lines = ["| variant | seeds | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+
+    def cell(runs, k):
+        xs = [r[k] for r in runs if r.get(k) is not None and r[k] == r[k]]
+        return "n/a" if not xs else f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f}"
+
     curves = {}
     for v in variants:
         runs = [r for r in results.values() if r["variant"] == v]
         if not runs:
             continue
-        cells = []
-        for _, k in cols:
-            xs = [r[k] for r in runs if r.get(k) is not None and r[k] == r[k]]
-            cells.append("n/a" if not xs else f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f}")
-        lines.append(f"| {v} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {v} | {len(runs)} | " + " | ".join(cell(runs, k) for _, k in cols) + " |")
+        if v == "clean" and cfg.vote_k > 1:   # the baselines at equal generated tokens
+            for label, m in ((f"clean, majority of {cfg.vote_k} at T=1", "majority_acc"),
+                             (f"clean, pass@{cfg.vote_k} at T=1 (oracle)", "pass_at_k")):
+                row = [cell(runs, f"{sp}/vote/{m}") if "T=1" in c else "" for sp in splits for c in ("greedy", "T=1")]
+                row += ["", cell(runs, f"{splits[-1]}/vote/tokens_per_problem")]
+                lines.append(f"| {label} | {len(runs)} | " + " | ".join(row) + " |")
         if all("curve" in r for r in runs):
             pts = list(zip(*[r["curve"] for r in runs]))
             curves[v] = [(statistics.mean(p[0] for p in col), statistics.mean(p[1] for p in col)) for col in pts]

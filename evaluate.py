@@ -28,11 +28,30 @@ class Config:
     slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
     max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
     temperature: float = 1.0         # the sampled pass (greedy is always run too)
+    samples: int = 1                 # > 1: also k samples per problem at --temperature: majority vote and pass@k
     max_new_tokens: int = 0          # 0 = the checkpoint's
     max_backtracks: int = -1         # cap per sample; -1 = none
     seed: int = 0
     device: str = "cpu"
     out: str = ""                    # JSON file for the metrics; "" = <ckpt>/eval.json
+
+
+def vote(task, problems, records, k):
+    """k samples per problem (records in problem order, k each): accuracy of the majority answer
+    (no oracle: the most common parsed answer, ties to the one reached first, judged like one
+    completion), pass@k (an oracle picks any correct sample: an upper bound), and the tokens
+    generated per problem, for comparisons at equal generated tokens."""
+    maj = hit = 0
+    for i, p in enumerate(problems):
+        group = records[i * k:(i + 1) * k]
+        answers = [r["parsed"] for r in group if r["parsed"] is not None]
+        if answers:
+            top = max(answers, key=lambda a: (answers.count(a), -answers.index(a)))
+            maj += any(r["correct"] for r in group if r["parsed"] == top)
+        hit += any(r["correct"] for r in group)
+    n = len(problems)
+    return dict(n=n, k=k, majority_acc=maj / n, pass_at_k=hit / n,
+                tokens_per_problem=sum(len(r["response"]) for r in records) / n)
 
 
 def main(argv=None):
@@ -42,6 +61,8 @@ def main(argv=None):
         raise ValueError(f"--n={cfg.n}: evaluate at least one problem")
     if cfg.temperature < 0:
         raise ValueError(f"--temperature={cfg.temperature}: must be >= 0 (0 = greedy)")
+    if cfg.samples < 1 or (cfg.samples > 1 and cfg.temperature == 0):
+        raise ValueError(f"--samples={cfg.samples}: at least 1, and several need --temperature > 0")
     decoding_rule(cfg, {})   # checks the flags before any work
     model, tok = load_model(cfg.ckpt, device=cfg.device)
     meta = model.meta
@@ -55,16 +76,19 @@ def main(argv=None):
         m, _ = evaluate(model, tok, task, problems, rule, T, max_new_tokens=max_new_tokens, max_backtracks=cap,
                         seed=cfg.seed, progress=True)
         result[label] = m
+    if cfg.samples > 1:
+        _, records = evaluate(model, tok, task, [p for p in problems for _ in range(cfg.samples)], rule,
+                              cfg.temperature, max_new_tokens=max_new_tokens, max_backtracks=cap, seed=cfg.seed + 1,
+                              progress=True)
+        result[f"vote@{cfg.samples}"] = vote(task, problems, records, cfg.samples)
     out = cfg.out or os.path.join(cfg.ckpt, "eval.json")
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(dict(ckpt=cfg.ckpt, task=name, task_kwargs=task_kwargs, **rule, **result), f, indent=2)
     os.replace(tmp, out)   # a crash mid-write never leaves half a file where a good one was
     print(f"{cfg.ckpt} | task={name} | {rule} | n={len(problems)}")
-    keys = list(next(iter(result.values())).keys())
-    print(f"{'':>10} " + " ".join(f"{k:>17}" for k in keys))
     for label, m in result.items():
-        print(f"{label:>10} " + " ".join(f"{m[k]:>17.4f}" if isinstance(m[k], float) else f"{m[k]:>17}" for k in keys))
+        print(f"{label:>8}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
     print(f"metrics written to {out}")
 
 

@@ -11,13 +11,17 @@ def test_ablation_smoke(tmp_path):
     sft = "--n_layer=1 --n_head=2 --n_embd=32 --n_train=200 --max_new_tokens=8 --batch_size=8 --warmup_iters=1"
     grpo = "--prompts_per_step=2 --group_size=2 --max_new_tokens=8 --eval_at_start=False"
     ablate.main([f"--out_dir={out}", "--variants=clean,rewind,rewind+grpo", "--seeds=2", "--tokens=1500",
-                 "--eval_n=2", "--eval_points=2", "--grpo_iters=1", f"--sft_args={sft}", f"--grpo_args={grpo}"])
+                 "--eval_n=2", "--eval_points=2", "--grpo_iters=1", f"--sft_args={sft}", f"--grpo_args={grpo}",
+                 "--vote_k=2", "--long_kwargs=steps=5", "--max_new_tokens=8"])
     res = json.load(open(os.path.join(out, "results.json")))
     assert set(res) == {f"{v}/seed{s}" for v in ("clean", "rewind", "rewind+grpo") for s in (0, 1)}
     # equal tokens: backtrack traces are longer, so they get fewer steps
     assert res["clean/seed0"]["iters"] >= res["rewind/seed0"]["iters"]
     table = open(os.path.join(out, "table.md")).read()
-    assert table.count("\n") == 5 and "| rewind+grpo | 2 |" in table
+    assert table.count("\n") == 7 and "| rewind+grpo | 2 |" in table
+    assert "| clean, majority of 2 at T=1 | 2 |" in table and "pass@2" in table and "(long)" in table
+    r = res["clean/seed0"]   # every split evaluated by evaluate.py, the clean model's vote too
+    assert {"test/greedy/acc", "long/t1/acc", "test/vote/majority_acc", "long/vote/pass_at_k"} <= set(r)
     xml.dom.minidom.parse(os.path.join(out, "curves.svg"))  # well-formed
 
 
