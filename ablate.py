@@ -15,8 +15,9 @@ generated tokens, and pass@k (an oracle picks any right sample) an upper bound. 
     keep_masked      backtrack traces, errors visible (`keep`), no loss on error tokens
     keep_unmasked    backtrack traces, errors visible, loss on error tokens too
     rewind           backtrack traces, error-hiding layout (`rewind`), no loss on error tokens
-    retry_keep       deps-style retry data (a line whose inputs are not ready, undone; Physics of
-                     Language Models 2.2): errors visible, trained on (unmasked)
+    retry_keep       deps retry data (a line whose inputs are not ready, started and undone; Physics of
+                     Language Models 2.2) at --retry_rate 0.5 (an sft_args flag), at most 16 BKs a
+                     trace: errors visible, trained on (unmasked)
     retry_keep_masked, retry_rewind, retry_rewind_unmasked: the same with masking / the `rewind` layout
     retry_weak_keep  retry_weak data (a line from later in the solution, undone), errors visible
     <v>+grpo       the SFT model of <v>, then GRPO (--grpo_iters steps)
@@ -47,11 +48,11 @@ VARIANTS = {
     "keep_masked": ["--policy=keep", "--mask_errors=True"],
     "keep_unmasked": ["--policy=keep", "--mask_errors=False"],
     "rewind": ["--policy=rewind", "--mask_errors=True"],
-    "retry_keep": ["--augment=retry", "--backtrack_ratio=1.0", "--policy=keep", "--mask_errors=False"],
-    "retry_keep_masked": ["--augment=retry", "--backtrack_ratio=1.0", "--policy=keep", "--mask_errors=True"],
-    "retry_rewind": ["--augment=retry", "--backtrack_ratio=1.0", "--policy=rewind", "--mask_errors=True"],
-    "retry_rewind_unmasked": ["--augment=retry", "--backtrack_ratio=1.0", "--policy=rewind", "--mask_errors=False"],
-    "retry_weak_keep": ["--augment=retry_weak", "--backtrack_ratio=1.0", "--policy=keep", "--mask_errors=False"],
+    "retry_keep": ["--augment=retry", "--backtrack_ratio=1.0", "--curriculum=0:16", "--policy=keep", "--mask_errors=False"],
+    "retry_keep_masked": ["--augment=retry", "--backtrack_ratio=1.0", "--curriculum=0:16", "--policy=keep", "--mask_errors=True"],
+    "retry_rewind": ["--augment=retry", "--backtrack_ratio=1.0", "--curriculum=0:16", "--policy=rewind", "--mask_errors=True"],
+    "retry_rewind_unmasked": ["--augment=retry", "--backtrack_ratio=1.0", "--curriculum=0:16", "--policy=rewind", "--mask_errors=False"],
+    "retry_weak_keep": ["--augment=retry_weak", "--backtrack_ratio=1.0", "--curriculum=0:16", "--policy=keep", "--mask_errors=False"],
 }
 
 

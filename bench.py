@@ -5,16 +5,26 @@ against a baseline timed in the same process.
 
 1. decode: tokens/s with the KV cache (model.generate) vs a full re-forward of the growing
    sequence each step (nanoGPT's generate), at the default tiny shape and GPT-2 small.
+   hf: greedy decode against Hugging Face `generate` on the same weights (same tokens), at both
+   shapes, batch 1 and 16 (transformers is a test-only dependency: without it the figure is skipped).
 2. rewind: cost of KVCache.rewind on one row at cache length 64 and 4096 (should be flat), and of
    a rewind-decode step (rewind + the next logits), beside a normal one-token decode step.
-3. batch: 16 rows in one cache vs the same 16 rows one by one; batched rollouts of forced traces
-   with backtracks under policy 'rewind' vs 'keep'.
-4. train: tokens/s of forward + backward + AdamW for the causal `keep` layout (mask=None fast path)
+3. batch: 16 rows in one cache vs the same 16 rows one by one; batched replays of forced traces
+   with 20% backtracks under policy 'rewind' and 'keep', against plain decoding (no backtracks).
+   rollout: the shares of a 64-row sampled rollout step that generate's bookkeeping and its
+   sampler take beside the model's forward, all timed inside the same run.
+4. head: the loss head (sft_loss: sparse bans, fused cross-entropy) against lm_head + F.cross_entropy
+   on the same hidden states, at GPT-2's vocabulary.
+   data: the share of the default SFT step spent on building its data, inline and with
+   data.Prefetch building it on a background thread.
+   train: tokens/s of forward + backward + AdamW for the causal `keep` layout (mask=None fast path)
    and the `rewind` tree layout (explicit (B, T, T) mask), MFU against a large matmul measured in
    this run, and the time data.layout/collate take per batch.
+5. gpu (CUDA only): training and rollout tokens/s and MFU of a random model shaped like Qwen2.5-0.5B.
 
-$ python bench.py                                  # CPU fp32, about 3 minutes on 2 idle cores
-$ python bench.py --quick=True                     # smoke run, seconds
+$ python bench.py                                  # CPU fp32, about 8 minutes on 2 idle cores
+$ python bench.py --quick=True                     # smoke run, under a minute
+$ python bench.py --sections=hf,rollout,head      # some sections only
 $ python bench.py --device=cuda --dtype=bfloat16 --compile=True --out=bench.json
 """
 import json
@@ -23,15 +33,20 @@ import os
 import random
 import resource
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from common import configure
-from data import Trace, layout, collate
+from data import Prefetch, Trace, build_traces, collate, layout
+from hf import padded_vocab
 from model import GPT, GPTConfig, KVCache, generate, sft_loss
+from tasks import get_task
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # config: --key=value overrides of these fields
@@ -48,6 +63,7 @@ class Config:
                                      # threads stall at every barrier when a core is taken; --threads=1 (or
                                      # OMP_WAIT_POLICY=PASSIVE) keeps the ratios meaningful there
     out: str = ""                   # also write the figures as JSON here
+    sections: str = "decode,hf,rewind,batch,rollout,head,data,train,gpu"   # which sections to run
     # the default tiny model: the shape train_sft.py trains from scratch with the byte tokenizer, with
     # block_size raised from its 128 so that 256 new tokens fit (wpe's size costs no speed)
     n_layer: int = 4
@@ -66,7 +82,18 @@ class Config:
     rewind_lengths: tuple = (64, 4096)
     n_rewinds: int = 20000
     batch_rows: int = 16
-    p_bk: float = 0.15                # chance of a BK at each response step of the random traces
+    p_bk: float = 0.15                # chance of a BK at each response step of the random training traces
+    forced_bk: float = 0.2            # the same for the forced decoding traces of the batch section
+    hf_tokens: int = 256            # new tokens per row against Hugging Face generate (tiny shape)
+    hf_gpt2_tokens: int = 256       # the same at GPT-2 small (each Hugging Face batch-16 run is ~40 s)
+    rollout_rows: int = 64
+    rollout_tokens: int = 96        # train_grpo.py's default max_new_tokens
+    head_actions: int = 256         # actions scored by the loss-head figure (each pass ~1 s at 50304)
+    sft_steps: int = 20             # default SFT steps timed for the data-preparation share
+    gpu_batch: int = 8              # CUDA only: the Qwen2.5-0.5B-shaped model's training batch (x gpu_len)
+    gpu_len: int = 1024
+    gpu_rollout_rows: int = 64
+    gpu_rollout_tokens: int = 256
     train_batch: int = 32
     train_len: int = 128            # nodes per row of the `keep` layout (prompt + response incl. BKs)
     train_iters: int = 4
@@ -180,6 +207,45 @@ def bench_decode(model, max_new_tokens, plen=16, reps=3, nocache_reps=1):
                 cache_ms_per_tok=1e3 * best / max_new_tokens, nocache_ms_per_tok=1e3 * t_nc / max_new_tokens)
 
 # -----------------------------------------------------------------------------
+# 1b. decode against Hugging Face generate
+
+
+@torch.no_grad()
+def bench_vs_hf(cfg, rows, new_tokens, plen=16, reps=3, dev="cpu", ptdtype=torch.float32):
+    """Greedy decode of `rows` prompts, `new_tokens` each (no early stop), by model.generate and by
+    Hugging Face's generate on the same weights (export_hf, then transformers reads the folder);
+    the tokens must agree. Returns tokens/s of each, or None without transformers (test-only)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    model = make_model(cfg, dev, ptdtype)
+    # generate bans BK and the table padding, Hugging Face does not: zero rows give those ids
+    # logit 0, far below the top of a random model's logits, so greedy never picks them
+    model.transformer.wte.weight[cfg.n_vocab:] = 0
+    model.transformer.wte.weight[cfg.bk_id] = 0
+    with tempfile.TemporaryDirectory() as d:
+        model.export_hf(d)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=ptdtype).to(dev).eval()
+    ref.generation_config.eos_token_id = None   # a fixed number of new tokens, like stop_at_eot=False
+    ref.generation_config.pad_token_id = cfg.eot_id
+    prompts = random_prompts(rows, plen, cfg.eot_id, random.Random(args.seed))
+    ids = torch.tensor(prompts, device=dev)
+    ours = lambda: generate(model, prompts, max_new_tokens=new_tokens, temperature=0, policy="keep",
+                            stop_at_eot=False)
+    theirs = lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  do_sample=False)
+    a, b = ours(), theirs()   # warm-up (small-batch CPU decoding makes its transposed weights here, once)
+    t_ours = t_hf = math.inf
+    for _ in range(max(1, reps)):   # interleaved, so that a change of load hits both
+        t_ours = min(t_ours, best_of(ours, 1, dev))
+        t_hf = min(t_hf, best_of(theirs, 1, dev))
+    n = rows * new_tokens
+    return dict(ours_tps=n / t_ours, hf_tps=n / t_hf, same_tokens=[o["response"] for o in a] == b[:, plen:].tolist())
+
+# -----------------------------------------------------------------------------
 # 2. the cost of a rewind
 
 
@@ -266,16 +332,79 @@ def bench_batched(model, rows=16, max_new_tokens=256, plen=16, p=0.15, reps=2, f
     # forced traces: every row backtracks at its own steps, so under `rewind` rows shrink and grow
     # independently while under `keep` the BKs are written like any token.
     # max_new_tokens must cover the traces: generate sizes the cache from it, not from force.
+    # "plain" replays traces of the same lengths without a BK: decoding that never backtracks.
     force = [random_response(max_new_tokens, cfg.bk_id, cfg.eot_id, p, rng) for _ in range(rows)]
+    plain = [random_response(len(f), cfg.bk_id, cfg.eot_id, 0.0, rng) for f in force]
     n_act = sum(len(f) for f in force)
-    for policy in ("keep", "rewind"):
-        outs = generate(model, prompts, max_new_tokens=max_new_tokens, policy=policy, force=force)
-        assert all(o["response"] == f for o, f in zip(outs, force)), "a forced row ended early"
-        t = best_of(lambda: generate(model, prompts, max_new_tokens=max_new_tokens, policy=policy, force=force),
-                    reps, dev)
-        res[f"forced_{policy}_tps"] = n_act / t
+    runs = dict(keep=("keep", force), rewind=("rewind", force), plain=("rewind", plain))
+    run = lambda name: generate(model, prompts, max_new_tokens=max_new_tokens, policy=runs[name][0], force=runs[name][1])
+    for name in runs:
+        assert all(o["response"] == f for o, f in zip(run(name), runs[name][1])), "a forced row ended early"
+    t = {name: math.inf for name in runs}
+    for _ in range(max(1, reps)):   # interleaved: the rewind / plain ratio is the figure
+        for name in runs:
+            t[name] = min(t[name], best_of(lambda: run(name), 1, dev))
+    for name in runs:
+        res[f"forced_{name}_tps"] = n_act / t[name]
     res["forced_bk_frac"] = sum(f.count(cfg.bk_id) for f in force) / n_act
     return res
+
+
+@torch.no_grad()
+def bench_rollout(model, rows=64, new_tokens=96, plen=16, reps=3):
+    """Where a sampled rollout step of `rows` rows (policy rewind, slot bans, a backtrack cap: what
+    train_grpo.py runs) spends its time, each part timed inside the same generate call: the model
+    (every GPT.hidden call and lm_head), the sampler (model.shape_logits and model.sample: the
+    log-softmax and the inverse-CDF draw), and generate's own bookkeeping, the rest (stacks, bans,
+    caps, finished rows, the recorded log-probs). Shares are taken over the decode loop, from the
+    first step's logits to the last forward; the call's setup (cache allocation, prompt tensors,
+    prefill) and final transfer are reported apart. The run with the shortest loop is reported."""
+    import model as modellib
+    dev = next(model.parameters()).device
+    prompts = random_prompts(rows, plen, model.config.eot_id, random.Random(args.seed))
+    kw = dict(max_new_tokens=new_tokens, temperature=1.0, policy="rewind", max_backtracks=4, stop_at_eot=False,
+              seed=args.seed)
+    calls = {"model": [], "sampler": []}
+
+    def timed(fn, part):
+        def call(*a, **k):
+            t0 = clock(dev)
+            out = fn(*a, **k)
+            calls[part].append((t0, clock(dev)))
+            return out
+        return call
+
+    # a random model almost never backtracks: steer its last hidden state towards BK (tied
+    # embeddings), so that rows pop and get slot bans in most steps, as an SFT model's do
+    cfg = model.config
+    u = torch.nn.functional.normalize(torch.randn(cfg.n_embd, generator=torch.Generator().manual_seed(args.seed)), dim=0)
+    model.transformer.ln_f.bias.copy_(u.to(model.transformer.ln_f.bias))
+    model.transformer.wte.weight[cfg.bk_id] = 3.0 * u.to(model.transformer.wte.weight)
+    out = generate(model, prompts, **kw)   # warm-up
+    n_bk = sum(o["response"].count(cfg.bk_id) for o in out) / sum(len(o["response"]) for o in out)
+    best = None
+    saved = modellib.shape_logits, modellib.sample
+    model.hidden, model.lm_head.forward = timed(model.hidden, "model"), timed(model.lm_head.forward, "model")
+    modellib.shape_logits, modellib.sample = timed(saved[0], "sampler"), timed(saved[1], "sampler")
+    try:
+        for _ in range(max(1, reps)):
+            calls["model"].clear(), calls["sampler"].clear()
+            t0 = clock(dev)
+            generate(model, prompts, **kw)
+            total = clock(dev) - t0
+            prefill, loop = calls["model"][0], calls["model"][1:]   # the prompts' forward, then a head and a forward per step
+            window = loop[-1][1] - loop[0][0]
+            inside = sum(b - a for a, b in loop)
+            sampler = sum(b - a for a, b in calls["sampler"])
+            r = dict(step_us=1e6 * window / new_tokens, model_us=1e6 * inside / new_tokens, bk_share=n_bk,
+                     overhead=(window - inside) / window, sampler=sampler / window,
+                     bookkeeping=(window - inside - sampler) / window,
+                     setup=(total - window - (prefill[1] - prefill[0])) / total)
+            best = r if best is None or r["step_us"] < best["step_us"] else best
+    finally:
+        del model.hidden, model.lm_head.forward
+        modellib.shape_logits, modellib.sample = saved
+    return best
 
 # -----------------------------------------------------------------------------
 # 4. training throughput
@@ -356,6 +485,152 @@ def bench_train(model, batch=32, length=128, iters=4, p=0.15, peak=None, ptdtype
     return res
 
 # -----------------------------------------------------------------------------
+# 4b. the loss head and the data pipeline
+
+
+class HeadOnly(torch.nn.Module):
+    """A model that is an lm_head over fixed hidden states (a parameter, so the backward reaches them
+    as it would reach the transformer): what sft_loss costs beyond the transformer."""
+
+    def __init__(self, h, vocab_size, n_vocab):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=vocab_size, n_vocab=n_vocab, n_embd=h.shape[-1])
+        self.h = torch.nn.Parameter(h)
+        self.lm_head = torch.nn.Linear(h.shape[-1], vocab_size, bias=False)
+
+    def forward(self, idx, pos=None, mask=None, act=None):
+        return self.lm_head(self.h[act[0], act[1]])
+
+
+def bench_loss_head(n_actions=256, n_embd=768, vocab_size=50304, n_vocab=50258, reps=3, dev="cpu"):
+    """Forward + backward of the SFT loss head (model.sft_loss: lm_head on the acting nodes only,
+    bans written sparsely, one fused cross-entropy) against lm_head + F.cross_entropy on the same
+    hidden states, at GPT-2's vocabulary, on the actions of random `rewind` traces with bans."""
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    bk = n_vocab - 1
+    lays = []
+    while sum(len(L["tgt"]) for L in lays) < n_actions:
+        t = Trace(random_prompts(1, 16, bk, rng)[0], random_response(48, bk, bk, args.forced_bk, rng))
+        lays.append(layout(t, bk, "rewind"))
+    batch = collate(lays, device=dev)
+    head = HeadOnly(torch.randn(*batch["ids"].shape, n_embd), vocab_size, n_vocab).to(dev)
+    act = (batch["act_row"], batch["act_src"])
+
+    def ours():
+        sft_loss(head, batch).backward()
+
+    def plain():
+        F.cross_entropy(head.lm_head(head.h[act]), batch["tgt"]).backward()
+
+    ours(), plain()
+    t_ours = t_plain = math.inf
+    for _ in range(max(1, reps)):   # interleaved
+        t_ours = min(t_ours, best_of(ours, 1, dev))
+        t_plain = min(t_plain, best_of(plain, 1, dev))
+    return dict(head_ms=1e3 * t_ours, plain_ms=1e3 * t_plain, n_actions=len(batch["tgt"]),
+                n_bans=len(batch["ban_tok"]))
+
+
+def bench_sft_data(steps=20, dev="cpu"):
+    """Data preparation against the default SFT step (train_sft.py's defaults: arith problems in
+    byte tokens, 32 traces half with backtracks, the `rewind` layout, a 4 x 192 model, AdamW), at
+    the curriculum's last phase (3 backtracks). Returns the time one step's data takes to build
+    (what a loop without prefetching waits), and the time the loop waits with data.Prefetch
+    building it on a background thread, as train_sft.py's loop does, each over the step's wall time.
+    The first prefetched step is left out: its data cannot be built ahead, once per run."""
+    tok, task = get_tokenizer("byte"), get_task("arith")
+    pool = task.problems("train", n=50000, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig(block_size=128, vocab_size=padded_vocab(tok.n_vocab), n_vocab=tok.n_vocab,
+                          eot_id=tok.eot_id, bk_id=tok.bk_id, n_layer=4, n_head=4, n_embd=192)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=0.1)
+
+    def make(step):   # train_sft.global_batch + micro_batches, with its checks
+        rng = random.Random(args.seed * 1_000_003 + step)
+        traces = build_traces(tok, task, [pool[rng.randrange(len(pool))] for _ in range(32)], rng,
+                              backtrack_ratio=0.5, max_backtracks=3, augment="plausible")
+        lays = [layout(t, tok.bk_id, "rewind") for t in traces]
+        assert not any(w > 0 and t in b for L in lays for t, w, b in zip(L["tgt"], L["weight"], L["bans"]))
+        return collate(lays, device=dev)
+
+    def train(batch):
+        sft_loss(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    train(make(0))   # warm-up
+    t_data = t_step = 0.0
+    for step in range(steps):   # inline: each step builds its data, then trains
+        t0 = clock(dev)
+        batch = make(step)
+        t1 = clock(dev)
+        train(batch)
+        t_data, t_step = t_data + t1 - t0, t_step + clock(dev) - t0
+    data = Prefetch(make, range(steps + 1))
+    train(next(data))
+    waited, t0 = data.waited, clock(dev)
+    for batch in data:
+        train(batch)
+    t_pf = clock(dev) - t0
+    waited = data.waited - waited
+    data.close()
+    return dict(data_ms=1e3 * t_data / steps, step_ms=1e3 * t_step / steps, inline_share=t_data / t_step,
+                prefetch_step_ms=1e3 * t_pf / steps, wait_ms=1e3 * waited / steps, wait_share=waited / t_pf)
+
+# -----------------------------------------------------------------------------
+# 5. a 0.5B model on a GPU
+
+
+def qwen_config():
+    # Qwen2.5-0.5B's shape (random weights): GQA 14/2 heads, SwiGLU, qkv bias, RoPE, tied 151936-row table
+    return GPTConfig(block_size=4096, vocab_size=151936, n_vocab=151666, eot_id=151643, bk_id=151665, n_layer=24,
+                     n_head=14, n_kv_head=2, n_embd=896, n_inner=4864, bias=False, qkv_bias=True, norm="rmsnorm",
+                     norm_eps=1e-6, mlp="swiglu", pos="rope", rope_theta=1e6, tie_embeddings=True)
+
+
+def bench_large(cfg, dev, ptdtype, batch=8, length=1024, rows=64, new_tokens=256, iters=5, peak=None):
+    """Training (causal LM loss through sft_loss, autocast to ptdtype, AdamW) and rollout (sampled
+    generate under `rewind`, weights cast to ptdtype) tokens/s and MFU against `peak`, for a random
+    model of config cfg. Written for CUDA; main() runs it only there."""
+    torch.manual_seed(args.seed)
+    model = GPT(cfg).to(dev)
+    dt = str(dev).split(":")[0]
+    B, T = batch, length
+    ids = torch.randint(0, cfg.eot_id, (B, T), device=dev)
+    act_row, act_src = torch.arange(B, device=dev).repeat_interleave(T - 1), torch.arange(T - 1, device=dev).repeat(B)
+    lm = dict(ids=ids, pos=torch.arange(T, device=dev).expand(B, T), mask=None, act_row=act_row, act_src=act_src,
+              tgt=ids[act_row, act_src + 1], weight=torch.ones(B * (T - 1), device=dev),
+              ban_act=torch.zeros(0, dtype=torch.long, device=dev), ban_tok=torch.zeros(0, dtype=torch.long, device=dev))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=dt, dtype=ptdtype)
+
+    def step():
+        with ctx:
+            loss = sft_loss(model, lm)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    t = best_of(step, iters, dev)
+    res = dict(params=model.num_params(), train_tps=B * T / t)
+    res["train_mfu"] = flops_per_token(model, T) * res["train_tps"] / peak if peak else 0.0
+    del opt
+    model = model.to(ptdtype).eval()
+    prompts = random_prompts(rows, 16, cfg.eot_id, random.Random(args.seed))
+    roll = lambda: generate(model, prompts, max_new_tokens=new_tokens, temperature=1.0, policy="rewind",
+                            max_backtracks=4, stop_at_eot=False, seed=args.seed)
+    roll()
+    t = best_of(roll, 2, dev)
+    res["rollout_tps"] = rows * new_tokens / t
+    # a decoded token: 2 FLOPs per weight, plus the attention over the ~16 + new_tokens / 2 slots
+    per_token = 2 * model.num_params() + 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * (16 + new_tokens / 2)
+    res["rollout_mfu"] = per_token * res["rollout_tps"] / peak if peak else 0.0
+    return res
+
+# -----------------------------------------------------------------------------
 # the table
 
 
@@ -390,20 +665,22 @@ def main(argv=None):
     if args.quick:  # seconds: enough to see every figure, too little to trust the decimals
         args.new_tokens, args.n_rewinds, args.train_batch, args.train_iters, args.reps = 64, 2000, 8, 2, 1
         args.gpt2_small, args.matmul_n = False, 1024
+        args.hf_tokens, args.rollout_tokens, args.head_actions, args.sft_steps = 32, 16, 64, 4
     if args.threads:
         torch.set_num_threads(args.threads)
     if "cuda" in args.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    want = set(args.sections.split(","))
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     load0 = os.getloadavg()[0]
     print(f"torch {torch.__version__}, args.device {args.device}, args.dtype {args.dtype}, args.threads {torch.get_num_threads()}, "
           f"args.compile {args.compile}, args.quick {args.quick}, load average {load0:.2f}")
     t_start = time.perf_counter()
+    shapes = [("tiny", tiny_config())] + ([("gpt2-small", gpt2_config())] if args.gpt2_small else [])
 
     # 1. decode
-    shapes = [("tiny", tiny_config())] + ([("gpt2-small", gpt2_config())] if args.gpt2_small else [])
-    for name, cfg in shapes:
+    for name, cfg in shapes if "decode" in want else []:
         model = make_model(cfg, args.device, ptdtype)
         r = bench_decode(model, args.new_tokens, args.prompt_len, args.reps, nocache_reps=1 if name == "gpt2-small" else args.reps)
         record("decode", f"{name}: KV cache, {args.new_tokens} new tokens, batch 1", r["cache_tps"], "tok/s")
@@ -411,62 +688,122 @@ def main(argv=None):
         ratio = r["cache_tps"] / r["nocache_tps"]
         record("decode", f"{name}: cache / no cache", ratio, "x", ">= 5x", ratio >= 5)
         del model
+    for name, cfg in shapes if "hf" in want else []:
+        n = args.hf_tokens if name == "tiny" else args.hf_gpt2_tokens
+        for rows in (1, args.batch_rows):
+            r = bench_vs_hf(cfg, rows, n, args.prompt_len, args.reps if name == "tiny" else 2, args.device, ptdtype)
+            if r is None:
+                print("  hf      skipped: transformers is not installed (pip install transformers)")
+                break
+            record("hf", f"{name}: batch {rows}, {n} new tokens, greedy", r["ours_tps"], "tok/s")
+            record("hf", f"{name}: Hugging Face generate, same", r["hf_tps"], "tok/s")
+            record("hf", f"{name}: same tokens", r["same_tokens"], "", "yes", r["same_tokens"])
+            ratio = r["ours_tps"] / r["hf_tps"]
+            record("hf", f"{name}, batch {rows}: ours / Hugging Face", ratio, "x", ">= 1.2x", ratio >= 1.2)
 
     # 2. rewind
-    cfg = tiny_config(pos="rope", block_size=max(args.rewind_lengths) + 1)
-    r = bench_rewind(cfg, args.rewind_lengths, args.n_rewinds, args.device, ptdtype)
-    lo, hi = min(args.rewind_lengths), max(args.rewind_lengths)
-    for L in args.rewind_lengths:
-        record("rewind", f"KVCache.pop, one row, length {L}", r[f"rewind_us_{L}"], "us")
-    ratio = r[f"rewind_us_{hi}"] / r[f"rewind_us_{lo}"]
-    record("rewind", f"rewind cost {hi} / {lo}", ratio, "x", "~1 (<1.5)", ratio < 1.5)
-    for L in args.rewind_lengths:
-        record("rewind", f"rewind + next logits, length {L}", r[f"rewind_step_us_{L}"], "us")
-    ratio = r[f"rewind_step_us_{hi}"] / r[f"rewind_step_us_{lo}"]
-    record("rewind", f"rewind + next logits {hi} / {lo}", ratio, "x", "~1 (<1.5)", ratio < 1.5)
-    for L in args.rewind_lengths:
-        record("rewind", f"(normal 1-token decode step, length {L})", r[f"decode_step_us_{L}"], "us")
-    record("rewind", "cache storage never moved (in place)", r["in_place"], "", "yes", r["in_place"])
-    record("memory", "KV cache bytes per token (k, v, h)", r["kv_bytes_per_token"], "B")
+    if "rewind" in want:
+        cfg = tiny_config(pos="rope", block_size=max(args.rewind_lengths) + 1)
+        r = bench_rewind(cfg, args.rewind_lengths, args.n_rewinds, args.device, ptdtype)
+        lo, hi = min(args.rewind_lengths), max(args.rewind_lengths)
+        for L in args.rewind_lengths:
+            record("rewind", f"KVCache.pop, one row, length {L}", r[f"rewind_us_{L}"], "us")
+        ratio = r[f"rewind_us_{hi}"] / r[f"rewind_us_{lo}"]
+        record("rewind", f"rewind cost {hi} / {lo}", ratio, "x", "~1 (<1.5)", ratio < 1.5)
+        for L in args.rewind_lengths:
+            record("rewind", f"rewind + next logits, length {L}", r[f"rewind_step_us_{L}"], "us")
+        ratio = r[f"rewind_step_us_{hi}"] / r[f"rewind_step_us_{lo}"]
+        record("rewind", f"rewind + next logits {hi} / {lo}", ratio, "x", "~1 (<1.5)", ratio < 1.5)
+        for L in args.rewind_lengths:
+            record("rewind", f"(normal 1-token decode step, length {L})", r[f"decode_step_us_{L}"], "us")
+        record("rewind", "cache storage never moved (in place)", r["in_place"], "", "yes", r["in_place"])
+        record("memory", "KV cache bytes per token (k, v, h)", r["kv_bytes_per_token"], "B")
 
     # 3. batch
-    model = make_model(tiny_config(), args.device, ptdtype)
-    r = bench_batched(model, args.batch_rows, args.new_tokens, args.prompt_len, args.p_bk, args.reps)
-    record("batch", f"tiny: {args.batch_rows} rows in one cache, {args.new_tokens} tokens each", r["batch_tps"], "tok/s")
-    record("batch", f"tiny: {args.batch_rows} rows one by one", r["seq_tps"], "tok/s")
-    ratio = r["batch_tps"] / r["seq_tps"]
-    record("batch", "tiny: batched / sequential", ratio, "x", ">= 8x", ratio >= 8)
-    record("batch", f"tiny: bare forward step, {args.batch_rows} rows vs 1 (ceiling)", r["forward_ceiling"], "x")
-    record("batch", f"forced traces, {100 * r['forced_bk_frac']:.0f}% BK, policy keep", r["forced_keep_tps"], "act/s")
-    record("batch", f"forced traces, {100 * r['forced_bk_frac']:.0f}% BK, policy rewind", r["forced_rewind_tps"], "act/s")
-    record("batch", "rewind / keep", r["forced_rewind_tps"] / r["forced_keep_tps"], "x")
-    if args.gpt2_small and args.gpt2_batch_tokens:
-        # a model big enough that a batch-1 step is bound by reading the weights, not by compute
-        g = bench_batched(make_model(gpt2_config(), args.device, ptdtype), args.batch_rows, args.gpt2_batch_tokens, args.prompt_len,
-                          reps=1, forced=False)
-        record("batch", f"gpt2-small: {args.batch_rows} rows in one cache, {args.gpt2_batch_tokens} tokens each", g["batch_tps"], "tok/s")
-        record("batch", f"gpt2-small: {args.batch_rows} rows one by one", g["seq_tps"], "tok/s")
-        ratio = g["batch_tps"] / g["seq_tps"]
-        record("batch", "gpt2-small: batched / sequential", ratio, "x", ">= 8x", ratio >= 8)
-        record("batch", f"gpt2-small: bare forward step, {args.batch_rows} rows vs 1 (ceiling)", g["forward_ceiling"], "x")
+    if "batch" in want:
+        model = make_model(tiny_config(), args.device, ptdtype)
+        r = bench_batched(model, args.batch_rows, args.new_tokens, args.prompt_len, args.forced_bk, args.reps)
+        record("batch", f"tiny: {args.batch_rows} rows in one cache, {args.new_tokens} tokens each", r["batch_tps"], "tok/s")
+        record("batch", f"tiny: {args.batch_rows} rows one by one", r["seq_tps"], "tok/s")
+        ratio = r["batch_tps"] / r["seq_tps"]
+        record("batch", "tiny: batched / sequential", ratio, "x", ">= 8x", ratio >= 8)
+        record("batch", f"tiny: bare forward step, {args.batch_rows} rows vs 1 (ceiling)", r["forward_ceiling"], "x")
+        bk = f"{100 * r['forced_bk_frac']:.0f}% BK"
+        record("batch", f"forced traces, {bk}, policy keep", r["forced_keep_tps"], "act/s")
+        record("batch", f"forced traces, {bk}, policy rewind", r["forced_rewind_tps"], "act/s")
+        record("batch", "forced traces, no BK (plain decoding)", r["forced_plain_tps"], "act/s")
+        record("batch", "rewind / keep", r["forced_rewind_tps"] / r["forced_keep_tps"], "x")
+        ratio = r["forced_rewind_tps"] / r["forced_plain_tps"]
+        record("batch", f"rewind at {bk} / plain decoding", ratio, "x", ">= 1x", ratio >= 1)
+        if args.gpt2_small and args.gpt2_batch_tokens:
+            # a model big enough that a batch-1 step is bound by reading the weights, not by compute
+            g = bench_batched(make_model(gpt2_config(), args.device, ptdtype), args.batch_rows, args.gpt2_batch_tokens,
+                              args.prompt_len, reps=1, forced=False)
+            record("batch", f"gpt2-small: {args.batch_rows} rows in one cache, {args.gpt2_batch_tokens} tokens each", g["batch_tps"], "tok/s")
+            record("batch", f"gpt2-small: {args.batch_rows} rows one by one", g["seq_tps"], "tok/s")
+            ratio = g["batch_tps"] / g["seq_tps"]
+            record("batch", "gpt2-small: batched / sequential", ratio, "x", ">= 8x", ratio >= 8)
+            record("batch", f"gpt2-small: bare forward step, {args.batch_rows} rows vs 1 (ceiling)", g["forward_ceiling"], "x")
+    if "rollout" in want:
+        r = bench_rollout(make_model(tiny_config(), args.device, ptdtype), args.rollout_rows, args.rollout_tokens,
+                          args.prompt_len, args.reps)
+        tag = f"tiny: {args.rollout_rows} rows x {args.rollout_tokens}, {100 * r['bk_share']:.0f}% BK"
+        record("rollout", f"{tag}, one step", r["step_us"], "us")
+        record("rollout", f"{tag}, of which model forward", r["model_us"], "us")
+        record("rollout", "all beyond the model forward / step", 100 * r["overhead"], "%")
+        record("rollout", "  sampler (log-softmax, inverse-CDF draw)", 100 * r["sampler"], "%")
+        record("rollout", "  bookkeeping (stacks, bans, caps, rows)", 100 * r["bookkeeping"], "%", "<= 3%",
+               r["bookkeeping"] <= 0.03)
+        record("rollout", "call setup + final transfer / call", 100 * r["setup"], "%")
 
-    # 4. train
-    peak = matmul_peak(args.matmul_n, args.device, ptdtype)
-    record("train", f"peak: {args.matmul_n}^3 matmul, {args.dtype}", peak / 1e9, "GFLOP/s")
-    model = make_model(tiny_config(), args.device)  # fp32 weights; a lower args.dtype comes in through autocast
-    r = bench_train(model, args.train_batch, args.train_len, args.train_iters, args.p_bk, peak, ptdtype, args.compile)
-    for policy in ("keep", "rewind"):
-        T = r[f"{policy}_T"]
-        tag = "causal, mask=None" if policy == "keep" else "tree, (B,T,T) mask"
-        record("train", f"{policy} ({tag}), {args.train_batch}x{T}", r[f"{policy}_tps"], "tok/s")
-        if r[f"{policy}_real_tps"] < 0.999 * r[f"{policy}_tps"]:
-            record("train", f"{policy}: without padding", r[f"{policy}_real_tps"], "tok/s")
-        record("train", f"{policy}: MFU", 100 * r[f"{policy}_mfu"], "%")
-        record("train", f"{policy}: model step", r[f"{policy}_step_ms"], "ms")
-        record("train", f"{policy}: data.layout per batch", r[f"{policy}_layout_ms"], "ms")
-        record("train", f"{policy}: data.collate per batch", r[f"{policy}_collate_ms"], "ms")
-        record("train", f"{policy}: data prep / model step",
-               (r[f"{policy}_layout_ms"] + r[f"{policy}_collate_ms"]) / r[f"{policy}_step_ms"], "x")
+    # 4. loss head, data, train
+    if "head" in want:
+        r = bench_loss_head(args.head_actions, reps=args.reps, dev=args.device)
+        tag = f"{r['n_actions']} actions, {r['n_bans']} bans, vocab 50304"
+        record("head", f"sft_loss head, fwd + bwd, {tag}", r["head_ms"], "ms")
+        record("head", "lm_head + F.cross_entropy, same hidden states", r["plain_ms"], "ms")
+        ratio = r["head_ms"] / r["plain_ms"]
+        record("head", "loss head / lm_head + cross-entropy", ratio, "x", "<= 1.05x", ratio <= 1.05)
+    if "data" in want:
+        r = bench_sft_data(args.sft_steps, args.device)
+        record("data", "default SFT step (32 traces, rewind), data built inline", r["step_ms"], "ms")
+        record("data", "of which building the data", r["data_ms"], "ms")
+        record("data", "data / step, inline", 100 * r["inline_share"], "%")
+        record("data", "step with data.Prefetch", r["prefetch_step_ms"], "ms")
+        record("data", "of which waiting for data", r["wait_ms"], "ms")
+        record("data", "waiting for data / step, prefetched", 100 * r["wait_share"], "%", "<= 1%", r["wait_share"] <= 0.01)
+    peak = None
+    if "train" in want:
+        peak = matmul_peak(args.matmul_n, args.device, ptdtype)
+        record("train", f"peak: {args.matmul_n}^3 matmul, {args.dtype}", peak / 1e9, "GFLOP/s")
+        model = make_model(tiny_config(), args.device)  # fp32 weights; a lower args.dtype comes in through autocast
+        r = bench_train(model, args.train_batch, args.train_len, args.train_iters, args.p_bk, peak, ptdtype, args.compile)
+        for policy in ("keep", "rewind"):
+            T = r[f"{policy}_T"]
+            tag = "causal, mask=None" if policy == "keep" else "tree, (B,T,T) mask"
+            record("train", f"{policy} ({tag}), {args.train_batch}x{T}", r[f"{policy}_tps"], "tok/s")
+            if r[f"{policy}_real_tps"] < 0.999 * r[f"{policy}_tps"]:
+                record("train", f"{policy}: without padding", r[f"{policy}_real_tps"], "tok/s")
+            record("train", f"{policy}: MFU", 100 * r[f"{policy}_mfu"], "%")
+            record("train", f"{policy}: model step", r[f"{policy}_step_ms"], "ms")
+            record("train", f"{policy}: data.layout per batch", r[f"{policy}_layout_ms"], "ms")
+            record("train", f"{policy}: data.collate per batch", r[f"{policy}_collate_ms"], "ms")
+            record("train", f"{policy}: data prep / model step",
+                   (r[f"{policy}_layout_ms"] + r[f"{policy}_collate_ms"]) / r[f"{policy}_step_ms"], "x")
+
+    # 5. a Qwen2.5-0.5B-shaped model, on a GPU only (a CPU would take minutes a step)
+    if "gpu" in want and "cuda" not in args.device:
+        print("  gpu     skipped: the 0.5B-model training and rollout figures run with --device=cuda")
+    elif "gpu" in want:
+        peak = peak or matmul_peak(args.matmul_n * 4, args.device, ptdtype)
+        cfg = qwen_config()
+        r = bench_large(cfg, args.device, ptdtype, args.gpu_batch, args.gpu_len, args.gpu_rollout_rows,
+                        args.gpu_rollout_tokens, peak=peak)
+        tag = f"qwen2.5-0.5b shape ({r['params'] / 1e6:.0f}M)"
+        record("gpu", f"{tag}: train {args.gpu_batch}x{args.gpu_len}, {args.dtype}", r["train_tps"], "tok/s")
+        record("gpu", f"{tag}: train MFU", 100 * r["train_mfu"], "%")
+        record("gpu", f"{tag}: rollout {args.gpu_rollout_rows} rows x {args.gpu_rollout_tokens}", r["rollout_tps"], "tok/s")
+        record("gpu", f"{tag}: rollout MFU", 100 * r["rollout_mfu"], "%")
 
     if "cuda" in args.device:
         record("memory", "peak CUDA memory allocated", torch.cuda.max_memory_allocated() / 2 ** 20, "MiB")
@@ -478,7 +815,6 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(config=asdict(args), torch=torch.__version__, figures=ROWS), f, indent=2)
-
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ Stage scripts (train_sft.py, train_grpo.py, train_dpo.py, self_errors.py, ...) i
 library modules (model, data, tasks, tokenizer, reward), never each other.
 """
 import ast
+import contextlib
 import hashlib
 import json
 import math
@@ -20,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from data import as_rule, count_backtracks
-from hf import padded_vocab, read_json
+from hf import copy_tokenizer_files, declared_eos_ids, has_tokenizer_files, padded_vocab, read_json
 from model import GPT, GPTConfig, generate, init_bk_embedding, unwrap
 from reward import deletion_stats
-from tasks import parse_answer
+from tasks import parse_answer, prompt_ids
 from tokenizer import get_tokenizer, hf_tokenizer_ids
 
 # -----------------------------------------------------------------------------
@@ -178,13 +179,18 @@ def check_config(cfg):
     for k in ("eval_interval", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip", "beta", "stop_at",
               "max_tokens", "evals", "sft_weight", "temperature", "eval_temperature", "top_k", "max_new_tokens"):
         need(lambda v: v >= 0, k, "must be >= 0")
-    for k in ("backtrack_ratio", "traces_ratio", "dropout"):
+    need(lambda v: v in ("plausible", "random", "lcs", "mixed", "retry", "retry_weak"), "augment",
+         "expected plausible, random, lcs, mixed, retry or retry_weak")
+    for k in ("backtrack_ratio", "traces_ratio", "dropout", "retry_rate"):
         need(lambda v: 0 <= v <= 1, k, "must be between 0 and 1")
     need(lambda v: 0 < v <= 1, "top_p", "must be in (0, 1]")
     need(lambda v: v >= 2, "group_size", "must be at least 2: advantages are relative to the group")
     need(lambda v: v in ("keep", "rewind") or (v == "" and not hasattr(cfg, "mask_errors")), "policy",
          "expected keep or rewind")
     need(lambda v: v in ("float32", "bfloat16"), "dtype", "expected float32 or bfloat16")
+    if getattr(cfg, "fsdp", False) and getattr(cfg, "embedding_only", False):
+        raise SystemExit("error: --fsdp=True with --embedding_only=True: training one embedding row needs no sharding; "
+                         "use DDP (leave --fsdp out)")
     need(lambda v: isinstance(v, bool) or v in ("", "on", "off"), "slot_bans", "expected on or off")
     need(lambda v: (isinstance(v, int) and v >= -1) or str(v) in ("", "none") or str(v).isdigit(), "max_retries",
          "expected a number of retries, or none")
@@ -251,12 +257,52 @@ class JsonlLog:
 
 def save_checkpoint(model, optimizer, step, cfg, extra_meta=None, log=None):
     """Model + optimizer + RNG state, written atomically through GPT.save; with the length of the
-    metrics log at this point, so that a resume replays no logged step twice."""
+    metrics log at this point, so that a resume replays no logged step twice.
+
+    Self-contained: when the model's tokenizer is a Hugging Face folder, its files (and chat template,
+    and the end ids it declares, in generation_config.json) are copied into the checkpoint, which
+    records its tokenizer as "." (itself), so a moved checkpoint still loads (load_model). They are
+    copied before GPT.save, which carries them into the new folder with the rest."""
     raw = unwrap(model)
-    state = dict(optimizer=optimizer.state_dict(), step=step, torch_rng=torch.get_rng_state(),
+    sd, osd = None, optimizer.state_dict()
+    if sharded(raw):   # every rank calls: the full weights and optimizer state are gathered from the shards
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(raw, options=opts)
+        # before the first step the optimizer has no state, and asking for it would make one by a
+        # zero-gradient step (AdamW's step count would then run one ahead): save it empty instead
+        osd = get_optimizer_state_dict(raw, optimizer, options=opts) if optimizer.state else None
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    state = dict(optimizer=osd, step=step, torch_rng=torch.get_rng_state(), sharded=sharded(raw),
                  metrics_lines=log.lines() if log is not None else None)
     meta = dict(step=step, train_config=asdict(cfg), **(extra_meta or {}))
-    raw.save(cfg.out_dir, meta=meta, files={"train_state.pt": state})
+    c = raw.config
+    src = c.tokenizer
+    if c.tokenizer not in ("byte", "gpt2") and has_tokenizer_files(src):
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        stops = [c.eot_id] + [i for i in declared_eos_ids(src) if i not in (c.eot_id, c.bk_id)]
+        copy_tokenizer_files(src, cfg.out_dir, stops)
+        c.tokenizer = "."
+    try:
+        raw.save(cfg.out_dir, meta=meta, files={"train_state.pt": state}, state_dict=sd)
+    finally:
+        c.tokenizer = src
+
+
+def tokenizer_path(tokenizer, ckpt):
+    """Where a checkpoint's recorded tokenizer is: 'byte', 'gpt2', a folder relative to the checkpoint
+    (its own copy: ".", see save_checkpoint), or, as older checkpoints recorded it, any other path."""
+    if tokenizer in ("byte", "gpt2") or os.path.isabs(tokenizer):
+        return tokenizer
+    inside = os.path.normpath(os.path.join(ckpt, tokenizer))
+    return os.path.abspath(inside) if has_tokenizer_files(inside) else tokenizer
+
+
+def sharded(model):
+    """True for a model wrapped by FSDP2 (torch's fully_shard): its parameters are shards."""
+    return hasattr(model, "unshard") and hasattr(model, "reshard")
 
 
 def load_train_state(path):
@@ -300,14 +346,22 @@ def freeze_all_but_bk(model, bk_id):
         W.register_hook(lambda g, keep=keep: g * keep)
 
 
-def restore(optimizer, cfg, resuming, master):
+def restore(model, optimizer, cfg, resuming, master):
     """When resuming, load the optimizer and RNG state saved with out_dir's checkpoint.
     Returns (the step to start from, the metrics log of the run, cut back to that step)."""
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if not resuming:
         return 0, JsonlLog(path, master)
     st = load_train_state(cfg.out_dir)
-    optimizer.load_state_dict(st["optimizer"])
+    if st.get("sharded") and st["optimizer"] is None:   # saved before the first step: nothing to restore
+        pass
+    elif st.get("sharded"):   # saved whole from FSDP shards; each rank takes its own shard back
+        if not sharded(unwrap(model)):
+            raise SystemExit(f"error: {cfg.out_dir} was trained with --fsdp=True under torchrun: resume it so")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(unwrap(model), optimizer, st["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(st["optimizer"])
     torch.set_rng_state(st["torch_rng"])
     if master:
         print(f"resuming from {cfg.out_dir} at step {st['step']}")
@@ -315,13 +369,38 @@ def restore(optimizer, cfg, resuming, master):
 
 
 def wrap(model, cfg, ddp):
-    """torch.compile and DDP around the model; the unwrapped model is what gets saved."""
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
+    """Under torchrun: DDP (a full copy per process), or with --fsdp=True FSDP2 (torch's fully_shard:
+    each block, then the rest, so a process holds 1/world of the weights, gradients and optimizer
+    state, for models that do not fit one device). Then torch.compile. The optimizer is made after
+    this: fully_shard replaces the parameters with shards. unwrap() gives the model to save."""
+    if ddp and getattr(cfg, "fsdp", False):
+        from torch.distributed.fsdp import fully_shard
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    elif ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model)
+    if cfg.compile:
+        model = torch.compile(model)
     return model
+
+
+@contextlib.contextmanager
+def grad_sync(model, ddp, on):
+    """Gradient accumulation: the cross-process gradient reduction runs on the last micro-batch only."""
+    raw = getattr(model, "_orig_mod", model)
+    if not ddp or on:
+        yield
+    elif sharded(raw):
+        raw.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            raw.set_requires_gradient_sync(True)
+    else:
+        with raw.no_sync():
+            yield
 
 
 def end_step(done, cfg, master, ddp, save, evaluate):
@@ -329,9 +408,11 @@ def end_step(done, cfg, master, ddp, save, evaluate):
     Returns True when the run stops here: stop_at, or a SIGINT/SIGTERM on any rank (then it saves)."""
     stop = torch.tensor([float(done == cfg.stop_at or STOP["signal"] is not None)])
     stopping = bool(all_reduce_sum(stop, ddp).item() > 0)   # every rank stops at the same step
-    if master and cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
+    # under FSDP every rank takes part (each forward gathers the shards); otherwise rank 0 alone
+    everyone = master or getattr(cfg, "fsdp", False)
+    if everyone and cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
         evaluate(done)
-    if master and (done % cfg.save_interval == 0 or done == cfg.max_iters or stopping):
+    if everyone and (done % cfg.save_interval == 0 or done == cfg.max_iters or stopping):
         save()
     if ddp:
         import torch.distributed as dist
@@ -349,7 +430,10 @@ def finish(raw, cfg, ddp, world, log, master, done, start, t0, script, then=""):
     """End a run: say where the checkpoint went and what to run next (or, when the run stopped early,
     how to continue it). Under DDP every rank must hold the same weights: exact hashes are compared
     and logged. A run stopped by SIGINT/SIGTERM exits with status 128 + the signal's number."""
-    if ddp:
+    if ddp and sharded(raw):   # each rank holds its own shard by design
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    elif ddp:
         import torch.distributed as dist
         hashes = [None] * world
         dist.all_gather_object(hashes, weights_hash(raw))
@@ -387,6 +471,7 @@ def build_model(cfg, tok, device):
     path = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
     model = GPT.from_pretrained(path, tok_ids=hf_tokenizer_ids(path))
     c = model.config
+    c.tokenizer = tokenizer_path(c.tokenizer, path)
     fresh_bk = getattr(model, "meta", {}).get("format") != "backtrack-gpt"
     if fresh_bk:  # a Hugging Face model: the backtrack token is new to it
         c.tokenizer = cfg.tokenizer
@@ -406,14 +491,19 @@ def build_model(cfg, tok, device):
     return model.train(), getattr(model, "meta", {})
 
 
-def load_model(path, device="cpu", dtype=torch.float32):
+def load_model(path, device="cpu", dtype=torch.float32, chat=True):
     """A checkpoint folder (this project's, or a Hugging Face one) with its tokenizer: (model, tok).
-    A Hugging Face folder's own tokenizer decides its end-of-text and BK ids, so the two agree."""
+    A Hugging Face folder's own tokenizer decides its end-of-text and BK ids, so the two agree. A
+    tokenizer recorded relative to the checkpoint (its own copy) is resolved, and the model's config
+    names the resolved path from then on. Prompts are rendered with the tokenizer's chat template
+    (tok.chat) when it has one, unless chat=False or the checkpoint was trained with --chat=False."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no checkpoint at {path!r} (no config.json there)")
     model = GPT.from_pretrained(path, device=device, dtype=dtype, tok_ids=hf_tokenizer_ids(path))
     c = model.config
-    tok = get_tokenizer(c.tokenizer)
+    c.tokenizer = tokenizer_path(c.tokenizer, path)
+    trained_chat = getattr(model, "meta", {}).get("train_config", {}).get("chat", True)
+    tok = get_tokenizer(c.tokenizer, chat=chat and trained_chat)
     if (tok.bk_id, tok.eot_id) != (c.bk_id, c.eot_id):
         raise ValueError(f"tokenizer {c.tokenizer!r} does not match {path}/config.json "
                          f"(bk {tok.bk_id} vs {c.bk_id}, eot {tok.eot_id} vs {c.eot_id})")
@@ -434,14 +524,14 @@ def decoding_rule(cfg, meta):
                 max_retries=meta.get("max_retries") if mr == "" else None if mr == "none" else int(mr))
 
 
-def load_stage_model(path, device, stage):
+def load_stage_model(path, device, stage, chat=True):
     """The starting model of a later stage (GRPO, DPO): a checkpoint of this project, which already
     knows the backtrack token, in train mode with dropout off (rollouts, references and the
     recomputed log-probs must see the same network). Returns (model, tok, meta)."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise SystemExit(f"error: no checkpoint at {path!r}: train one first (python train_sft.py) "
                          "or pass --init_from=/path/to/checkpoint")
-    model, tok = load_model(path, device)
+    model, tok = load_model(path, device, chat=chat)
     if model.meta.get("format") != "backtrack-gpt":
         raise SystemExit(f"error: {path} is not a checkpoint of this project (train_sft.py writes one); "
                          f"{stage} starts from a model that already knows the backtrack token")
@@ -458,26 +548,30 @@ def load_stage_model(path, device, stage):
 @torch.no_grad()
 def evaluate(model, tok, task, problems, rule="rewind", temperature=0.0, top_k=0, top_p=1.0,
              max_new_tokens=128, max_backtracks=None, batch_size=64, seed=0, progress=False):
-    """Generate one completion per problem under the decoding rule (data.as_rule) and score it on its
-    resolved text with the task's verifier. Returns (metrics dict, per-sample records)."""
+    """Generate one completion per problem under the decoding rule (data.as_rule), stopping at any of
+    the tokenizer's stop ids, and score it on its resolved text with the task's verifier (acc) and
+    its extra checks (task.scores: <name>_acc). Prompts come from tasks.prompt_ids (chat-rendered
+    when tok.chat). Returns (metrics dict, per-sample records)."""
     was_training = model.training
     model.eval()
     records = []
+    stops = set(tok.stop_ids)
     chunks = range(0, len(problems), batch_size)
     for i in tqdm(chunks, desc=f"eval T={temperature}", disable=not progress, leave=False):
         batch = problems[i:i + batch_size]
-        prompts = [tok.encode(task.prompt(p)) for p in batch]
+        prompts = [prompt_ids(tok, task, p) for p in batch]
         outs = generate(model, prompts, max_new_tokens=max_new_tokens, **as_rule(rule), temperature=temperature,
-                        top_k=top_k, top_p=top_p, max_backtracks=max_backtracks, seed=seed + i)
+                        top_k=top_k, top_p=top_p, max_backtracks=max_backtracks, seed=seed + i, stop_ids=tok.stop_ids)
         for p, o in zip(batch, outs):
-            text = tok.decode([t for t in o["resolved"] if t != tok.eot_id])
+            text = tok.decode([t for t in o["resolved"] if t not in stops])
             n_bk = count_backtracks(o["response"], tok.bk_id)
             reference = tok.encode(p["solution"]) + [tok.eot_id]
             necessary, unnecessary = deletion_stats(o["response"], reference, tok.bk_id)
             records.append(dict(question=p["question"], answer=p["answer"], response=o["response"],
                                 text=text, parsed=parse_answer(text), correct=bool(task.verify(text, p)),
+                                scores=task.scores(text, p),
                                 backtracks=n_bk, necessary=necessary, unnecessary=unnecessary,
-                                finished=tok.eot_id in o["resolved"],
+                                finished=any(t in stops for t in o["resolved"]),
                                 hit_cap=max_backtracks is not None and n_bk >= max_backtracks))
     model.train(was_training)
     return summarize(records), records
@@ -488,9 +582,12 @@ def summarize(records):
     n = max(len(records), 1)
     deleted = sum(r["necessary"] + r["unnecessary"] for r in records)
     corrected = [r for r in records if r["backtracks"] > 0]
+    extra = {f"{k}_acc": sum(bool(r.get("scores", {}).get(k)) for r in records) / n
+             for k in (records[0].get("scores") or {} if records else {})}
     return dict(
         n=len(records),
         acc=sum(r["correct"] for r in records) / n,
+        **extra,
         bk_per_sample=sum(r["backtracks"] for r in records) / n,
         share_backtracked=len(corrected) / n,
         precision=sum(r["necessary"] for r in records) / deleted if deleted else float("nan"),
@@ -513,13 +610,22 @@ def held_out_eval(model, tok, task, problems, rule, temperature, max_new_tokens,
 
 
 def eval_and_log(step, model, tok, task, problems, rule, cfg, log, max_new_tokens, max_backtracks=None):
-    """The periodic evaluation of a training stage: held-out metrics logged at `step` and one line shown."""
-    res = held_out_eval(model, tok, task, problems, rule, cfg.eval_temperature, max_new_tokens, cfg.seed,
-                        max_backtracks=max_backtracks)
+    """The periodic evaluation of a training stage: held-out metrics logged at `step` and one line shown.
+    Under FSDP every rank runs it in step (the same problems and seeds, so the same number of decoding
+    steps), with the top-level weights gathered for decoding; the blocks gather their own."""
+    if sharded(model):
+        model.unshard()
+    try:
+        res = held_out_eval(model, tok, task, problems, rule, cfg.eval_temperature, max_new_tokens, cfg.seed,
+                            max_backtracks=max_backtracks)
+    finally:
+        if sharded(model):
+            model.reshard()
     log(step=step, **res)
-    tqdm.write(f"step {step}: held-out acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "
-               f"{res['eval/t1/acc']:.3f} | bk/sample greedy {res['eval/greedy/bk_per_sample']:.2f} "
-               f"T={cfg.eval_temperature} {res['eval/t1/bk_per_sample']:.2f}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        tqdm.write(f"step {step}: held-out acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "
+                   f"{res['eval/t1/acc']:.3f} | bk/sample greedy {res['eval/greedy/bk_per_sample']:.2f} "
+                   f"T={cfg.eval_temperature} {res['eval/t1/bk_per_sample']:.2f}")
     return res
 
 # -----------------------------------------------------------------------------

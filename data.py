@@ -17,11 +17,15 @@ hold in ids, and build_traces asserts it.
 import difflib
 import math
 import random
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 
-from tasks import read_jsonl
+from tasks import prompt_ids, read_jsonl
 
 # -----------------------------------------------------------------------------
 # resolution: the one function every file calls
@@ -184,19 +188,30 @@ def completion_batch(traces, starts, bk_id, rule, max_backtracks=None, device="c
     return collate(lays, device=device)
 
 
+def ancestor_masks(parent):
+    """(B, T, T) bool from parent indices (B, T), -1 for a root (or padding): node i attends to j
+    iff j is i itself or one of its ancestors.
+
+    Pointer jumping, not one Python step per node: after round r each row holds the ancestors
+    fewer than 2^r steps up, and `jump` points 2^r steps up, so OR-ing in the row found there
+    doubles the reach. A tree of depth d takes ceil(log2(d + 1)) rounds of whole-batch tensor ops.
+    Past a root a jump lands on row T, kept empty, so no round needs a validity mask (a broadcast
+    bool AND is slow on CPU)."""
+    B, T = parent.shape
+    dev = parent.device
+    m = torch.zeros(B, T + 1, T, dtype=torch.bool, device=dev)
+    m[:, :T] = torch.eye(T, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev).unsqueeze(1)
+    jump = torch.cat([torch.where(parent >= 0, parent, T), torch.full((B, 1), T, device=dev)], 1)  # row T jumps to itself
+    while bool((jump[:, :T] < T).any()):
+        m[:, :T] |= m[rows, jump[:, :T]]   # the right side is read in full before m changes
+        jump = jump.gather(1, jump)
+    return m[:, :T]
+
+
 def ancestor_mask(parent):
-    """(T, T) bool: node i attends to j iff j is i itself or one of its ancestors."""
-    T = len(parent)
-    m = torch.zeros(T, T, dtype=torch.bool)
-    for i, p in enumerate(parent):
-        if p >= 0:
-            m[i] = m[p]
-        m[i, i] = True
-    return m
-
-
-def is_chain(parent):
-    return all(p == i - 1 for i, p in enumerate(parent))
+    """(T, T) bool for one parent list: node i attends to j iff j is i itself or one of its ancestors."""
+    return ancestor_masks(torch.tensor([list(parent)], dtype=torch.long).view(1, -1))[0]
 
 
 def pack(layouts, max_len):
@@ -224,30 +239,69 @@ def collate(layouts, pad_id=0, device="cpu"):
 
     mask is None when every row is a plain chain (the fast causal path); otherwise (B, T, T).
     Actions are flattened across the batch: (act_row, act_src) index the model's output.
+    Every field is flattened into one list and turned into a tensor at once (no per-row or
+    per-node tensor work in Python): at 16 x 256 nodes this took most of a data step.
     """
     B = len(layouts)
-    T = max(len(L["ids"]) for L in layouts)
+    lens = [len(L["ids"]) for L in layouts]
+    T = max(lens)
+    flat = lambda key: [x for L in layouts for x in L[key]]
+    long = lambda x: torch.tensor(x, dtype=torch.long)
+    real = torch.arange(T) < long(lens).unsqueeze(1)          # (B, T): row-major order = flat order
     ids = torch.full((B, T), pad_id, dtype=torch.long)
+    ids[real] = long(flat("ids"))
     pos = torch.zeros((B, T), dtype=torch.long)
-    chain = all(is_chain(L["parent"]) for L in layouts)
-    mask = None if chain else torch.zeros(B, T, T, dtype=torch.bool)
-    rows, srcs, tgts, ws, ban_a, ban_t = [], [], [], [], [], []
-    for b, L in enumerate(layouts):
-        n = len(L["ids"])
-        ids[b, :n] = torch.tensor(L["ids"])
-        pos[b, :n] = torch.tensor(L["pos"])
-        if mask is not None:
-            mask[b, :n, :n] = ancestor_mask(L["parent"])
-            mask[b, n:, 0] = True  # padding rows attend somewhere, so softmax has no empty row
-        for s, t, w, bn in zip(L["src"], L["tgt"], L["weight"], L["bans"]):
-            a = len(rows)
-            rows.append(b); srcs.append(s); tgts.append(t); ws.append(w)
-            for x in bn:
-                ban_a.append(a); ban_t.append(x)
-    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)
+    pos[real] = long(flat("pos"))
+    parent = torch.full((B, T), -1, dtype=torch.long)
+    parent[real] = long(flat("parent"))
+    chain = bool(((parent == torch.arange(T) - 1) | ~real).all())
+    mask = None
+    if not chain:
+        mask = ancestor_masks(parent).contiguous()
+        mask[~real] = False
+        mask[:, :, 0] |= ~real   # padding rows attend somewhere, so softmax has no empty row
+    n_act = [len(L["tgt"]) for L in layouts]
+    bans = flat("bans")
     return dict(ids=ids.to(device), pos=pos.to(device), mask=None if mask is None else mask.to(device),
-                act_row=t(rows), act_src=t(srcs), tgt=t(tgts), weight=t(ws, torch.float32),
-                ban_act=t(ban_a), ban_tok=t(ban_t), n_tokens=sum(len(L["ids"]) for L in layouts))
+                act_row=torch.repeat_interleave(torch.arange(B), long(n_act)).to(device),
+                act_src=long(flat("src")).to(device), tgt=long(flat("tgt")).to(device),
+                weight=torch.tensor(flat("weight"), dtype=torch.float32, device=device),
+                ban_act=torch.repeat_interleave(torch.arange(len(bans)), long([len(b) for b in bans])).to(device),
+                ban_tok=long([t for b in bans for t in b]).to(device), n_tokens=sum(lens))
+
+
+class Prefetch:
+    """Iterate over make(step) for each step in order, each built `ahead` steps early by one
+    background thread, so that the training step does not wait for its data (tokenizing, traces,
+    layouts, ancestor masks). make(step) must depend on its step alone (train_sft's batches are
+    a pure function of seed and step): building early then changes no number, and resume and
+    DDP stay exact. A thread rather than a worker process: torch kernels release the GIL, so
+    the Python of data building runs while the step computes, nothing is pickled, and an error
+    (SystemExit included) is raised in the training loop at the step it belongs to.
+    `waited` is the time the consumer spent blocked on data, in seconds."""
+
+    def __init__(self, make, steps, ahead=2):
+        self.make, self.steps = make, iter(steps)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self.queue = deque(self.pool.submit(make, s) for s in islice(self.steps, ahead))
+        self.waited = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.queue:
+            raise StopIteration
+        fut = self.queue.popleft()
+        for s in islice(self.steps, 1):   # keep `ahead` steps in flight
+            self.queue.append(self.pool.submit(self.make, s))
+        t0 = time.perf_counter()
+        out = fut.result()
+        self.waited += time.perf_counter() - t0
+        return out
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 # -----------------------------------------------------------------------------
 # augmentations: clean responses -> traces with backtracks, all in token ids
@@ -400,6 +454,72 @@ def lcs_trace(wrong_ids, right_ids, bk_id, max_divergences=None, max_backtracks=
     return out
 
 
+RETRY_KINDS = ("retry", "retry_weak")
+
+
+def solution_lines_ids(tok, solution):
+    """The ids of each line of a solution (its newline included, the last line without one), or
+    None when tokenizing line by line does not give exactly tok.encode(solution) (a merge across a
+    line break): then no line boundary in ids is safe to insert at."""
+    lines = solution.split("\n")
+    pieces = [tok.encode(l + "\n") for l in lines[:-1]] + [tok.encode(lines[-1])]
+    return pieces if [t for x in pieces for t in x] == tok.encode(solution) else None
+
+
+def inject_retry(tok, task, p, rng, kind="retry", retry_rate=0.5, max_backtracks=None):
+    """Retry augmentation (Physics of Language Models part 2.2, arXiv 2408.16293): before each line
+    of the clean solution, with probability retry_rate, the beginning of a line that cannot be
+    written there yet, as many BKs, then the right line. kind 'retry': a variable whose inputs are
+    not yet computed at that point; 'retry_weak': a variable from a later line, ready or not. The
+    task names the candidates (task.retry_options(p, line_index, kind): a list, per candidate, of
+    alternative beginnings as text); each beginning is encoded on its own and inserted at a line
+    boundary in ids, so resolve(trace) == clean holds exactly.
+
+    A wrong beginning never starts with the token the right line starts with (under `rewind` that
+    token would be banned at its slot after the BKs, docs/backtrack-semantics.md §4). At most one
+    retry per line; when the coin flips choose no line, one line with candidates is chosen anyway,
+    so a retry trace always retries. max_backtracks caps the BKs (retries that no longer fit are
+    written shorter, or dropped; the budget goes to the chosen lines in random order).
+    Returns the response ids (clean + end-of-text, with the retries), or None when the task offers
+    no retry options, the solution's lines cannot be cut in ids, or no retry fits."""
+    options = getattr(task, "retry_options", None)
+    if options is None or kind not in RETRY_KINDS:
+        return None
+    pieces = solution_lines_ids(tok, p["solution"])
+    if pieces is None or not all(pieces):
+        return None
+    special = {tok.bk_id, tok.eot_id}
+    cands = []   # per line: candidates, each a list of alternative wrong beginnings in ids
+    for k, piece in enumerate(pieces):
+        per = []
+        for alts in options(p, k, kind):
+            ids = [tok.encode(a) for a in alts]
+            ids = [x for x in ids if x and x[0] != piece[0] and not special & set(x)]
+            if ids:
+                per.append(ids)
+        cands.append(per)
+    eligible = [k for k, c in enumerate(cands) if c]
+    if not eligible:
+        return None
+    chosen = [k for k in eligible if rng.random() < retry_rate] or [rng.choice(eligible)]
+    rng.shuffle(chosen)
+    budget = math.inf if max_backtracks is None else max_backtracks
+    wrong = {}
+    for k in chosen:
+        fits = [a for a in rng.choice(cands[k]) if len(a) <= budget]
+        if fits:
+            wrong[k] = rng.choice(fits)
+            budget -= len(wrong[k])
+    if not wrong:
+        return None
+    out = []
+    for k, piece in enumerate(pieces):
+        if k in wrong:
+            out += wrong[k] + [tok.bk_id] * len(wrong[k])
+        out += piece
+    return out + [tok.eot_id]
+
+
 def random_vocab(tok):
     """Ids for uniform random errors: printable ASCII (and newline) for bytes, all of BPE."""
     if getattr(tok, "name", None) == "byte":
@@ -408,24 +528,28 @@ def random_vocab(tok):
     return [i for i in range(tok.n_vocab) if i not in special]
 
 
-AUGMENTS = ("plausible", "random", "lcs")
+AUGMENTS = ("plausible", "random", "lcs") + RETRY_KINDS
+MIXED = ("plausible", "random", "lcs")   # what 'mixed' picks from (retry kinds are asked for by name)
 
 
 def build_traces(tok, task, problems, rng, backtrack_ratio=0.5, max_backtracks=8, augment="plausible",
-                 n_errors=(1, 2), error_len=(1, 3), allow_test=False):
-    """Training traces: prompt ids = tok.encode(task.prompt(p)); response = the clean solution ids
+                 n_errors=(1, 2), error_len=(1, 3), allow_test=False, retry_rate=0.5):
+    """Training traces: prompt ids = tasks.prompt_ids(tok, task, p) (chat-rendered when tok.chat); response = the clean solution ids
     plus end-of-text, augmented with backtracks for a backtrack_ratio share of the problems.
 
     augment: 'plausible' (near-miss errors), 'random' (uniform tokens), 'lcs' (align a wrong
     solution with the right one: p['wrong'], a str or list of str, when the problem carries one,
-    else task.slip), 'mixed' (one of those per trace), or a list of names to pick from.
-    max_backtracks caps the BKs of any trace (0: every trace is clean). Where an augmentation finds
-    nothing to do (no wrong solution, no plausible spot) the trace falls back to plausible, then
-    random, injection. Refuses test-split problems unless allow_test.
+    else task.slip), 'retry' / 'retry_weak' (a line that cannot be written yet, or a later line,
+    begun and undone before a line, with probability retry_rate per line: inject_retry; tasks with
+    retry_options only, e.g. deps), 'mixed' (one of plausible, random, lcs per trace), or a list of
+    names to pick from. max_backtracks caps the BKs of any trace (0: every trace is clean). Where an
+    augmentation finds nothing to do (no wrong solution, no plausible spot, a task without retry
+    options) the trace falls back to plausible, then random, injection. Refuses test-split
+    problems unless allow_test.
     """
     if not allow_test:
         task.check_train(problems)
-    kinds = AUGMENTS if augment == "mixed" else (augment,) if isinstance(augment, str) else tuple(augment)
+    kinds = MIXED if augment == "mixed" else (augment,) if isinstance(augment, str) else tuple(augment)
     for k in kinds:
         assert k in AUGMENTS, f"unknown augmentation {k!r}: expected one of {AUGMENTS} or 'mixed'"
     bk, eot = tok.bk_id, tok.eot_id
@@ -434,7 +558,7 @@ def build_traces(tok, task, problems, rng, backtrack_ratio=0.5, max_backtracks=8
     vocab = random_vocab(tok)
     traces = []
     for i, p in enumerate(problems):
-        prompt = tok.encode(task.prompt(p))
+        prompt = prompt_ids(tok, task, p)
         clean = tok.encode(p["solution"]) + [eot]
         resp, kind = clean, "clean"
         if i in chosen and max_backtracks != 0:
@@ -445,8 +569,10 @@ def build_traces(tok, task, problems, rng, backtrack_ratio=0.5, max_backtracks=8
                     wrong = rng.choice(wrong)
                 if wrong:
                     resp = lcs_trace(tok.encode(wrong) + [eot], clean, bk, max_backtracks=max_backtracks)
+            elif kind in RETRY_KINDS:
+                resp = inject_retry(tok, task, p, rng, kind, retry_rate, max_backtracks) or clean
             n = _span(n_errors, rng)
-            if bk not in resp and kind in ("lcs", "plausible"):
+            if bk not in resp and kind in ("lcs", "plausible") + RETRY_KINDS:
                 resp = inject_random(clean, bk, rng, n, sampler=sampler, eot_id=eot, max_backtracks=max_backtracks)
                 kind = "plausible"
             if bk not in resp:

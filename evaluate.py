@@ -23,7 +23,8 @@ class Config:
     ckpt: str = "out/sft"
     task: str = ""                   # default: the checkpoint's task (and its settings)
     n: int = 500                     # held-out problems
-    task_kwargs: str = ""            # e.g. "min_vars=8,max_vars=10" (a longer split); default: the checkpoint's
+    task_kwargs: str = ""            # e.g. "min_vars=8,max_vars=10" (a longer split), "shots=8" (gsm8k); default: the checkpoint's
+    chat: bool = True                # prompts in the checkpoint's chat template when it has one; False: plain
     policy: str = ""                 # rewind | keep; "" = the checkpoint's
     slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
     max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
@@ -64,7 +65,7 @@ def main(argv=None):
     if cfg.samples < 1 or (cfg.samples > 1 and cfg.temperature == 0):
         raise ValueError(f"--samples={cfg.samples}: at least 1, and several need --temperature > 0")
     decoding_rule(cfg, {})   # checks the flags before any work
-    model, tok = load_model(cfg.ckpt, device=cfg.device)
+    model, tok = load_model(cfg.ckpt, device=cfg.device, chat=cfg.chat)
     meta = model.meta
     name, task_kwargs, task = checkpoint_task(meta, cfg.task, parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
     rule = decoding_rule(cfg, meta)
@@ -84,9 +85,9 @@ def main(argv=None):
     out = cfg.out or os.path.join(cfg.ckpt, "eval.json")
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(dict(ckpt=cfg.ckpt, task=name, task_kwargs=task_kwargs, **rule, **result), f, indent=2)
+        json.dump(dict(ckpt=cfg.ckpt, task=name, task_kwargs=task_kwargs, chat=tok.chat, **rule, **result), f, indent=2)
     os.replace(tmp, out)   # a crash mid-write never leaves half a file where a good one was
-    print(f"{cfg.ckpt} | task={name} | {rule} | n={len(problems)}")
+    print(f"{cfg.ckpt} | task={name} | {rule} | chat={tok.chat} | n={len(problems)}")
     for label, m in result.items():
         print(f"{label:>8}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
     print(f"metrics written to {out}")

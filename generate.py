@@ -17,7 +17,7 @@ import torch
 from common import cli, configure, decoding_rule, load_model
 from data import count_backtracks
 from model import generate
-from tasks import get_task, parse_answer
+from tasks import get_task, parse_answer, prompt_ids
 
 DEFAULT_CKPT = "out/sft"   # what the README's main run (python train_sft.py) writes
 
@@ -26,7 +26,8 @@ DEFAULT_CKPT = "out/sft"   # what the README's main run (python train_sft.py) wr
 class Config:
     prompt: str = ""                 # question text (wrapped in the task's prompt format unless --raw)
     ckpt: str = DEFAULT_CKPT         # checkpoint folder (this project's or a Hugging Face one)
-    raw: bool = False                # feed the prompt text as is, without the task's format
+    raw: bool = False                # feed the prompt text as is, without the task's format or chat template
+    chat: bool = True                # the checkpoint's chat template around the task's user turn, when it has one
     policy: str = ""                 # keep | rewind; "" = the one the checkpoint was trained with
     slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
     max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
@@ -82,7 +83,7 @@ class Printer:
                     self.line.append([self._show(text), "run"])
                 self._redraw()
             self.last_was_run = where is None
-        elif token != tok.eot_id:
+        elif token not in tok.stop_ids:
             self.last_was_run = False
             text = tok.decode([token])
             self.out.write(text)
@@ -120,12 +121,15 @@ def main(argv=None):
     cfg = Config()
     configure(cfg, sys.argv[1:] if argv is None else argv)
     check_args(cfg)
-    model, tok = load_model(cfg.ckpt, device=cfg.device)
+    model, tok = load_model(cfg.ckpt, device=cfg.device, chat=cfg.chat and not cfg.raw)
     meta = model.meta
     rule = decoding_rule(cfg, meta)
     task = None if cfg.raw or "task" not in meta else get_task(meta["task"], **meta.get("task_kwargs", {}))
-    text = task.prompt({"question": cfg.prompt}) if task is not None else cfg.prompt
-    prompt = tok.encode(text)
+    if task is not None:
+        prompt = prompt_ids(tok, task, {"question": cfg.prompt})
+    else:   # --raw, or a checkpoint without a task: the text as is, or one chat turn holding it
+        prompt = tok.chat_ids(cfg.prompt) if tok.chat else tok.encode(cfg.prompt)
+    text = tok.decode(prompt)
     room = model.config.block_size - len(prompt)
     if room < 1:
         raise ValueError(f"--prompt is {len(prompt)} tokens; the model's block holds {model.config.block_size}: "
@@ -143,7 +147,8 @@ def main(argv=None):
     out = generate(model, [prompt] * cfg.num_samples, max_new_tokens=max_new_tokens, **rule,
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    max_backtracks=None if cfg.max_backtracks < 0 else cfg.max_backtracks, seed=cfg.seed,
-                   device=cfg.device, on_step=(lambda b, t, popped: printer.step(t, popped)) if stream else None)
+                   device=cfg.device, stop_ids=tok.stop_ids,
+                   on_step=(lambda b, t, popped: printer.step(t, popped)) if stream else None)
     for i, o in enumerate(out):
         if not stream:
             print(f"\n--- sample {i + 1}")
@@ -153,7 +158,7 @@ def main(argv=None):
             for t in o["response"]:   # replay the recorded actions through the same renderer
                 popped = (stack.pop() if stack else None) if t == tok.bk_id else stack.append(t)
                 p.step(t, popped)
-        answer = tok.decode([t for t in o["resolved"] if t != tok.eot_id])
+        answer = tok.decode([t for t in o["resolved"] if t not in tok.stop_ids])
         print(f"\n[backtracks: {count_backtracks(o['response'], tok.bk_id)}]  resolved:\n{text}{answer}")
         if task is not None:
             print(f"[answer: {parse_answer(answer)}]")

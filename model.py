@@ -97,9 +97,16 @@ def rope_inv_freq(cfg):
 
 
 def apply_rope(x, cos, sin):
-    # x (B, H, T, D); the Hugging Face layout rotates the two halves of each head
+    # x (B, T, H, D), cos/sin (B, T, 1, D); the Hugging Face layout rotates the two halves of each head
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def linear(m, x, cache=None):
+    """m(x) for an nn.Linear m; in small-batch CPU decoding, with the copy of its weight stored
+    transposed that the cache carries (KVCache.wt, made by transposed_weights)."""
+    w = cache.wt.get(m) if cache is not None and cache.wt is not None else None
+    return m(x) if w is None else F.linear(x, w, m.bias)
 
 
 class Attention(nn.Module):
@@ -118,26 +125,27 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q, k, v = self.c_attn(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, K, D).transpose(1, 2)
-        v = v.view(B, T, K, D).transpose(1, 2)
+        q, k, v = linear(self.c_attn, x, cache).split([H * D, K * D, K * D], dim=-1)
+        # heads stay in the (B, T, heads, D) layout until attention: the cache takes k and v in it
+        q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = q.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v)
-        if K != H:
-            k = k.repeat_interleave(H // K, dim=1)
-            v = v.repeat_interleave(H // K, dim=1)
-        drop = self.dropout if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), dropout_p=drop)
-        y = y.transpose(1, 2).reshape(B, T, H * D)
-        return F.dropout(self.c_proj(y), drop, self.training)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        drop = self.dropout if self.training else 0.0
+        # grouped-query heads share their k/v inside the kernel: no copy of the cache span per step
+        gqa = dict(enable_gqa=True) if K != H else {}
+        if mask is None and cache is None:   # a plain chain: the fused causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, **gqa)
+        else:   # a tree mask (B, 1, T, T), or a cached step's (None: every query sees the whole span)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, **gqa)
+        y = linear(self.c_proj, y.transpose(1, 2).reshape(B, T, H * D), cache)
+        return F.dropout(y, drop, True) if drop > 0 else y
 
 
 class MLP(nn.Module):
@@ -150,12 +158,13 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         if self.kind == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.c_fc(x)
+            h = F.silu(linear(self.gate_proj, x, cache)) * linear(self.c_fc, x, cache)
         else:
-            h = F.gelu(self.c_fc(x), approximate="tanh")
-        return F.dropout(self.c_proj(h), self.dropout, self.training)
+            h = F.gelu(linear(self.c_fc, x, cache), approximate="tanh")
+        h = linear(self.c_proj, h, cache)
+        return F.dropout(h, self.dropout, True) if self.training and self.dropout > 0 else h
 
 
 class Block(nn.Module):
@@ -168,7 +177,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, cache, layer):
         x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        return x + self.mlp(self.ln_2(x), cache)
 
 # -----------------------------------------------------------------------------
 # the KV cache
@@ -193,32 +202,53 @@ class KVCache:
         self.h = torch.zeros(batch_size, max_len, cfg.n_embd, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
-        self.pos = None  # positions of the tokens being written by the forward in flight
-        self.span = 0    # slots the current forward attends over
+        self.pos = None   # positions of the tokens being written by the forward in flight
+        self.span = 0     # slots the current forward attends over
+        self.mask = None  # its attention mask (B, 1, T, span); None: every query sees the whole span
+        # made once, not per step: every write indexes by row, every mask compares slots, and each
+        # layer's views (a decode step of a small model is bound by the number of tensor calls)
+        self.rows = torch.arange(batch_size, device=device).unsqueeze(1)
+        self.layers = [(self.k[i], self.v[i]) for i in range(cfg.n_layer)]
+        self.slots = torch.arange(max_len, device=device)
+        self.wt = None    # {nn.Linear: weight stored transposed} for small-batch CPU decoding (transposed_weights)
+        self.rope = None
+        if cfg.pos == "rope":   # cos/sin of every slot, computed as GPT.hidden does, so a step only gathers
+            f = self.slots.unsqueeze(-1).float() * rope_inv_freq(cfg).to(device)
+            f = torch.cat((f, f), dim=-1)
+            self.rope = (f.cos(), f.sin())
 
     def begin(self, pos):
-        """Set up a write of tokens at positions pos (B, T); returns the attention mask."""
-        if int(pos.max()) >= self.max_len:
-            raise ValueError(f"KV cache is full: position {int(pos.max())} >= max_len {self.max_len}")
-        self.pos = pos
-        self.span = int(pos.max()) + 1
-        slots = torch.arange(self.span, device=pos.device)
-        return slots.view(1, 1, -1) <= pos.unsqueeze(-1)   # (B, T, span)
+        """Set up a write of tokens at positions pos (B, T) and its attention mask; returns the span."""
+        low, top = torch.stack(torch.aminmax(pos)).tolist()   # one host read per forward
+        if top >= self.max_len:
+            raise ValueError(f"KV cache is full: position {top} >= max_len {self.max_len}")
+        self.pos, self.span = pos, top + 1
+        # one token per row, every row at the same slot (batch 1, or rows that never rewound): each
+        # query sits at the top of the span and sees all of it, so no mask is built or applied
+        aligned = pos.shape[1] == 1 and low == top
+        self.mask = None if aligned else (self.slots[:self.span] <= pos.unsqueeze(-1)).unsqueeze(1)
+        return self.span
 
     def write(self, layer, k, v):
-        # k, v: (B, K, T, D) -> slots pos; return the whole span (B, K, span, D)
-        B = k.shape[0]
-        rows = torch.arange(B, device=k.device).unsqueeze(1)
+        # k, v: (B, T, K, D) -> slots pos; return the whole span (B, K, span, D)
+        ck, cv = self.layers[layer]
+        rows = self.rows if k.shape[0] == self.rows.shape[0] else self.rows[:k.shape[0]]
+        dt = k.dtype
+        if dt != ck.dtype:   # a cache kept in another dtype than the model computes in
+            k, v = k.to(ck.dtype), v.to(ck.dtype)
         # advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, K, D)
-        self.k[layer][rows, :, self.pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][rows, :, self.pos] = v.transpose(1, 2).to(self.v.dtype)
-        return (self.k[layer, :, :, :self.span].to(k.dtype),
-                self.v[layer, :, :, :self.span].to(v.dtype))
+        ck[rows, :, self.pos] = k
+        cv[rows, :, self.pos] = v
+        ck, cv = ck[:, :, :self.span], cv[:, :, :self.span]
+        return (ck, cv) if dt == ck.dtype else (ck.to(dt), cv.to(dt))
 
     def pop(self, rows, n=1):
         """Free the top n slots of the given rows (bool mask or index tensor): the `rewind` policy's
         deletion (docs/backtrack-semantics.md §3). In place, O(1), rows independent."""
-        self.lengths[rows] -= n
+        if rows.dtype == torch.bool:   # a mask over every row: one subtraction, no gather (no device sync)
+            self.lengths.sub_(rows.long(), alpha=n)
+        else:
+            self.lengths[rows] -= n
 
 # -----------------------------------------------------------------------------
 # the model
@@ -278,25 +308,30 @@ class GPT(nn.Module):
         B, T = idx.shape
         if pos is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
-        if int(pos.max()) >= self.config.block_size and self.config.pos == "learned":
-            raise ValueError(f"position {int(pos.max())} exceeds block_size {self.config.block_size}")
-        if cache is not None:
-            mask = cache.begin(pos)
+        top = cache.begin(pos) - 1 if cache is not None else None   # the cache's mask replaces `mask`
+        if self.config.pos == "learned":
+            top = int(pos.max()) if top is None else top
+            if top >= self.config.block_size:
+                raise ValueError(f"position {top} exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)
         rope = None
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(pos)
+        elif cache is not None:   # the cache holds every slot's cos/sin: gather, do not recompute
+            rope = (cache.rope[0][pos].unsqueeze(2).to(x.dtype), cache.rope[1][pos].unsqueeze(2).to(x.dtype))
         else:
             f = pos.unsqueeze(-1).float() * self.inv_freq          # (B, T, D/2)
-            f = torch.cat((f, f), dim=-1).unsqueeze(1)              # (B, 1, T, D)
+            f = torch.cat((f, f), dim=-1).unsqueeze(2)              # (B, T, 1, D)
             rope = (f.cos().to(x.dtype), f.sin().to(x.dtype))
-        x = F.dropout(x, self.config.dropout, self.training)
+        if self.training and self.config.dropout > 0:
+            x = F.dropout(x, self.config.dropout, True)
+        mask = cache.mask if cache is not None else None if mask is None else mask.unsqueeze(1)   # (B, 1, T, S)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, mask, cache, i)
         x = self.transformer.ln_f(x)
         if cache is not None:
-            rows = torch.arange(B, device=idx.device).unsqueeze(1)
-            cache.h[rows, pos] = x.to(cache.h.dtype)
+            cache.h[cache.rows if B == cache.rows.shape[0] else cache.rows[:B], pos] = \
+                x if x.dtype == cache.h.dtype else x.to(cache.h.dtype)
         return x
 
     def forward(self, idx, pos=None, mask=None, cache=None, act=None):
@@ -312,18 +347,19 @@ class GPT(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------
 
-    def save(self, path, meta=None, files=None):
+    def save(self, path, meta=None, files=None, state_dict=None):
         """Write the project's checkpoint folder atomically: model.safetensors + config.json
         (the model config, tokenizer and backtrack id, plus `meta`), and `files` (name -> object,
         e.g. optimizer state) through torch.save. Everything is written to a temporary folder,
         then renamed over the old one, so a crash never leaves a half-written checkpoint. Other
-        files in the folder (a run's metrics.jsonl) move into the new folder first."""
+        files in the folder (a run's metrics.jsonl) move into the new folder first. state_dict:
+        the weights to write, when this module holds only shards of them (FSDP)."""
         from safetensors.torch import save_file
         path = path.rstrip("/")
         tmp, old = path + ".tmp", path + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()
+        sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in (state_dict or self.state_dict()).items()
               if not (self.config.tie_embeddings and k == "lm_head.weight")}
         save_file(sd, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -431,17 +467,36 @@ def init_bk_embedding(model, tok, method="description", noise=True, seed=0):
 # sampling: one function shapes the distribution for generation and for training log-probs
 
 
-def shape_logits(logits, temperature=1.0, top_k=0, top_p=1.0, ban=None):
+def ban_(logits, ban=None, n_vocab=None):
+    """Set the banned entries of logits (A, V) to -inf, in place, touching only those entries:
+    the table padding (ids >= n_vocab) by one strided slice write, and the (row, token) pairs of
+    ban, a pair of index tensors (backtrack bans and caps), by one index_put. No dense (A, V)
+    ban matrix is ever built: at GPT-2's vocabulary it cost as much as the softmax."""
+    if n_vocab is not None and n_vocab < logits.shape[-1]:
+        logits[:, n_vocab:] = float("-inf")
+    if ban is not None and ban[0].numel():
+        logits[ban] = float("-inf")
+    return logits
+
+
+def filtered(top_k, top_p, vocab_size):
+    """Whether top-k or top-p removes anything (then the distribution needs sorting)."""
+    return bool(top_k and top_k < vocab_size) or (top_p is not None and top_p < 1.0)
+
+
+def shape_logits(logits, temperature=1.0, top_k=0, top_p=1.0, ban=None, n_vocab=None):
     """Return log-probs of the distribution actually sampled from.
 
-    ban: (A, V) bool, True = this token may not be sampled (backtrack bans and caps).
+    ban: the banned (row, token) pairs, a pair of index tensors (backtrack bans and caps);
+    n_vocab: ids >= n_vocab (table padding) are banned as well (ban_). logits are not modified.
     Order: bans, temperature, top-k, top-p. Greedy (temperature 0) uses the banned logits' argmax
     and is scored at temperature 1. Log-probs of filtered tokens are -inf.
     """
-    logits = logits.float()
-    if ban is not None:
-        logits = logits.masked_fill(ban, float("-inf"))
-    if temperature and temperature > 0:
+    if ban is not None or n_vocab is not None:
+        logits = ban_(logits.to(torch.float32, copy=True), ban, n_vocab)   # a copy: ours to write into
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    if temperature and temperature > 0 and temperature != 1:   # x / 1.0 == x: skip a full pass
         logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -453,15 +508,6 @@ def shape_logits(logits, temperature=1.0, top_k=0, top_p=1.0, ban=None):
         drop = torch.zeros_like(drop).scatter(-1, order, drop)
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.log_softmax(logits, dim=-1)
-
-
-def ban_matrix(batch, n_actions, vocab_size, n_vocab):
-    """(A, V) bool from a collated batch's ban lists; ids >= n_vocab (table padding) are always banned."""
-    ban = torch.zeros(n_actions, vocab_size, dtype=torch.bool, device=batch["tgt"].device)
-    ban[:, n_vocab:] = True
-    if batch["ban_act"].numel():
-        ban[batch["ban_act"], batch["ban_tok"]] = True
-    return ban
 
 
 def action_logits(model, batch):
@@ -477,11 +523,28 @@ def unwrap(model):
 
 
 def action_logprobs(model, batch, temperature=1.0, top_k=0, top_p=1.0):
-    """Log-prob of every action of a collated batch under the sampled distribution: (A,)."""
+    """Log-prob of every action of a collated batch under the sampled distribution: (A,).
+
+    Without top-k/top-p this is one fused F.cross_entropy over the logits with the bans written
+    in: the same numbers as log_softmax + gather (bit for bit), at the cost of a plain LM loss.
+    The bans go into the logits' storage without autograd seeing them (.detach() shares it): a
+    banned entry's probability is then exactly 0, so log_softmax's backward already sends it
+    the zero gradient the recorded fill would have (a banned *target* would get -1 there, but
+    its log-prob is -inf and every loss here gives such an action weight 0, so no gradient
+    reaches it). Recording the fill would cost a copy of the (A, V) gradient in backward. This
+    is safe because lm_head's backward needs its input and weight, never its output (autograd
+    would raise if it did). With top-k/top-p the distribution needs a sort anyway: shape_logits."""
     logits = action_logits(model, batch)
-    ban = ban_matrix(batch, logits.shape[0], logits.shape[1], unwrap(model).config.n_vocab)
-    lp = shape_logits(logits, temperature, top_k, top_p, ban)
-    return lp.gather(1, batch["tgt"].unsqueeze(1)).squeeze(1)
+    tgt = batch["tgt"]
+    ban = (batch["ban_act"], batch["ban_tok"])
+    n_vocab = unwrap(model).config.n_vocab
+    if filtered(top_k, top_p, logits.shape[-1]):
+        return shape_logits(logits, temperature, top_k, top_p, ban, n_vocab).gather(1, tgt.unsqueeze(1)).squeeze(1)
+    logits = logits.float()   # fp32 already: the very tensor lm_head returned, no copy
+    ban_(logits.detach(), ban, n_vocab)
+    if temperature and temperature > 0 and temperature != 1:
+        logits = logits / temperature
+    return -F.cross_entropy(logits, tgt, reduction="none")
 
 
 def sft_loss(model, batch, normalizer=None):
@@ -514,6 +577,32 @@ def sample(logprobs, gen):
 
 # -----------------------------------------------------------------------------
 # generation with in-place rewinds
+
+
+def transposed_weights(model, rows):
+    """{nn.Linear: its weight, as a view of a copy stored transposed}, for decoding `rows` <= 16
+    rows on CPU, where each linear is a matrix-vector product or nearly.
+
+    There MKL reads nn.Linear's (out, in) weight slower than the (in, out) layout Hugging Face's
+    GPT-2 Conv1D keeps, the more so the wider the layer (outputs / inputs) and the fewer the rows;
+    measured at GPT-2 small, weights cold in cache as in decoding: one row, 1/1.6 the speed for
+    c_attn and c_fc (3x and 4x wide) and 1/1.7 for the 50304-row head (65x), while the narrow MLP
+    c_proj is 1.1x faster as it is (38 vs 27 ms a token for all matrix products together); 16
+    rows, only the head gains (1.18x; c_fc is then 1.1x slower transposed). So one row copies
+    every wide layer and 16 rows the much wider ones (the head), by out / in > 1 or > 16.
+    The copies take as much memory again as those weights and ~0.4 s to make at GPT-2 small,
+    so they are kept on the model and a copy is remade only when its weight changed (its storage,
+    or its version, which every in-place update such as an optimizer step or a load bumps)."""
+    memo = model.__dict__.setdefault("_transposed", {})
+    out = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.out_features > m.in_features * (1 if rows == 1 else 16):
+            w = m.weight
+            key = (w.data_ptr(), w._version, w.dtype)
+            if m not in memo or memo[m][0] != key:
+                memo[m] = (key, w.detach().t().contiguous().t())   # same shape, (in, out) storage
+            out[m] = memo[m][1]
+    return out
 
 
 @torch.no_grad()
@@ -565,43 +654,61 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         max_len = cfg.block_size
     dtype = next(model.parameters()).dtype
     cache = KVCache(cfg, B, max_len, device=device, dtype=dtype)
+    if B <= 16 and torch.device(device).type == "cpu":   # matrix-vector-like products: see transposed_weights
+        cache.wt = transposed_weights(model, B)
     idx = torch.zeros(B, Tp, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         idx[b, :len(p)] = torch.tensor(p, device=device)
     model.hidden(idx, torch.arange(Tp, device=device).expand(B, Tp), cache=cache)
     cache.lengths.copy_(plen)
 
-    D = max_new_tokens + 2                  # stack depths 0..max_new_tokens (+1 spare for the clear below)
+    # Depths 0..max_new_tokens can be reached, but a step reads only depths below max_new_tokens:
+    # depths D - 2 and D - 1 are spares that rows with nothing to record write to, so each update
+    # is one unconditional index_put instead of a read, a where and a write.
+    D = max_new_tokens + 2
     K = max(1, min(x for x in (max_retries, max_backtracks, max_new_tokens) if x is not None))
+    V, NV = cfg.vocab_size, cfg.n_vocab
+    slot_banning = policy == "rewind" and slot_bans
     rows = torch.arange(B, device=device)
     stack = torch.zeros(B, D, dtype=torch.long, device=device)       # surviving response tokens, by depth
     depth = torch.zeros(B, dtype=torch.long, device=device)          # how many survive
     n_bk = torch.zeros(B, dtype=torch.long, device=device)
-    retries = torch.zeros(B, D, dtype=torch.long, device=device)     # depth -> deletions there (§4)
-    ban_tok = torch.zeros(B, D, K, dtype=torch.long, device=device)  # rewind: tokens deleted at each depth
-    ban_n = torch.zeros(B, D, dtype=torch.long, device=device)
+    # depth -> tokens deleted there since the token below it was written: the retry count (§4),
+    # and under `rewind` the slot of ban_tok the next ban there goes to
+    deleted = torch.zeros(B, D, dtype=torch.long, device=device)
+    ban_tok = torch.full((B, D, K), V, dtype=torch.long, device=device)  # rewind: tokens deleted at each depth (V: none)
     done = force_len == 0 if force is not None else torch.zeros(B, dtype=torch.bool, device=device)
     actions, logprobs, alive, kept_logits = [], [], [], []
-    V = cfg.vocab_size
+    # The bans are written as -inf straight into a float copy of the logits, entry by entry (no
+    # (B, V) ban matrix). Column V is a spare that unused ban slots point at; it and the padding
+    # columns (ids >= n_vocab) are set to -inf once, and each step copies in only the real ones.
+    banned = torch.full((B, V + 1), float("-inf"), device=device)
+    real, lg, bk_col, col0 = banned[:, :NV], banned[:, :V], banned[:, bk], banned[:, 0]   # views, made once
+    # Work skipped where it can make no difference (a step of a small model is bound by the number
+    # of tensor calls): a row can have every token banned only if its slot bans (at most K) and BK
+    # cover all n_vocab tokens, and a row can outgrow the cache only when block_size capped max_len.
+    can_stick = slot_banning and K + 1 >= NV
+    capped = max_len < Tp + max_new_tokens + 1
+    top = cache.lengths.unsqueeze(1)   # a view: the position each row writes next, as lengths move
     for step in range(max_new_tokens):
-        logits = model.lm_head(cache.h[rows, cache.lengths - 1])       # (B, V)
-        ban = torch.zeros(B, V + 1, dtype=torch.bool, device=device)  # column V: where unused entries go
-        ban[:, cfg.n_vocab:] = True
-        if policy == "rewind" and slot_bans:
-            cur = ban_tok[rows, depth]                                  # (B, K)
-            used = torch.arange(K, device=device) < ban_n[rows, depth].unsqueeze(1)
-            ban.scatter_(1, torch.where(used, cur, V), True)
+        logits = linear(model.lm_head, cache.h[rows, cache.lengths - 1], cache)   # (B, V)
+        real.copy_(logits[:, :NV])
+        if slot_banning:
+            banned.scatter_(1, ban_tok[rows, depth], float("-inf"))
         no_bk = depth == 0
         if max_backtracks is not None:
             no_bk |= n_bk >= max_backtracks
         if max_retries is not None:
-            no_bk |= (depth > 0) & (retries[rows, (depth - 1).clamp(min=0)] >= max_retries)
-        ban[:, bk] |= no_bk
-        ban = ban[:, :V]
-        # a row whose every token is banned has tried and deleted everything at this slot: it ends
-        done = done | ban.all(-1)
-        ban[done] = False  # keep the distribution defined for finished rows; their samples are discarded
-        lp = shape_logits(logits, temperature, top_k, top_p, ban)
+            no_bk |= (depth > 0) & (deleted[rows, (depth - 1).clamp(min=0)] >= max_retries)
+        bk_col.masked_fill_(no_bk, float("-inf"))
+        if can_stick:
+            # a row whose every token is banned has tried and deleted everything at this slot: it
+            # ends (the logits themselves are finite, so only bans put every entry at -inf). Its
+            # sample is discarded; token 0 is unbanned only to keep its distribution defined.
+            stuck = torch.isneginf(lg.amax(-1))
+            done = done | stuck
+            col0.masked_fill_(stuck, 0.0)
+        lp = shape_logits(lg, temperature, top_k, top_p)
         if force is not None:
             nxt = forced[:, step] if step < forced.shape[1] else torch.zeros_like(depth)
         elif temperature and temperature > 0:
@@ -614,41 +721,47 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
             kept_logits.append(logits)
         is_bk = live & (nxt == bk)
         pop = is_bk & (depth > 0)
-        push = live & ~is_bk
+        push = live ^ is_bk   # live and not BK
         if on_step is not None:   # streaming reads each row's action: one sync, only when asked
-            popped = stack[rows, (depth - 1).clamp(min=0)]
+            gone = stack[rows, (depth - 1).clamp(min=0)]
             for b in live.nonzero().flatten().tolist():
-                on_step(b, int(nxt[b]), int(popped[b]) if pop[b] else None)
+                on_step(b, int(nxt[b]), int(gone[b]) if pop[b] else None)
         # a pop from depth d+1 to d: the popped token's own retry count and bans go with it; the
         # token is banned at depth d (rewind) and depth d counts one more retry
-        d = depth - pop.long()
-        clear = torch.where(pop, d + 1, D - 1)   # rows that do not pop clear the spare column
-        retries[rows, clear] = 0
-        ban_n[rows, clear] = 0
-        retries[rows, d] += pop.long()
-        if policy == "rewind" and slot_bans:
-            slot = ban_n[rows, d].clamp(max=K - 1)
-            ban_tok[rows, d, slot] = torch.where(pop, stack[rows, d], ban_tok[rows, d, slot])
-            ban_n[rows, d] += pop.long()
-        n_bk += is_bk.long()
-        stack[rows, depth.clamp(max=D - 1)] = torch.where(push, nxt, stack[rows, depth.clamp(max=D - 1)])
-        depth = d + push.long()
+        popped = pop.long()
+        d = depth - popped
+        if max_retries is not None or slot_banning:
+            at = torch.where(pop, d, D - 2)   # rows that do not pop write depths D - 2 and D - 1, never read
+            above = at + 1
+            deleted[rows, above] = 0
+            if slot_banning:
+                ban_tok[rows, above] = V
+                ban_tok[rows, at, deleted[rows, at].clamp(max=K - 1)] = stack[rows, d]
+            deleted.index_put_((rows, at), popped, accumulate=True)
+        if max_backtracks is not None:
+            n_bk += is_bk
+        stack[rows, torch.where(push, depth, D - 1)] = nxt
+        depth = d + push
         write = push if policy == "rewind" else live
         if policy == "rewind":
-            cache.pop(pop)
-        ended = (step + 1 >= force_len) if force is not None else torch.isin(nxt, stops)
-        over = cache.lengths + write.long() >= max_len
-        finish = live & (ended | over)
-        done = done | finish
-        write = write & ~finish
-        if bool(done.all()):
-            break
-        # one batched forward; rows that rewound or finished write a dummy token past their
-        # length (a slot nothing attends to) and do not advance
-        tok = torch.where(write, nxt, torch.zeros_like(nxt)).unsqueeze(1)
-        pos = cache.lengths.clone().clamp(max=max_len - 1).unsqueeze(1)
-        model.hidden(tok, pos, cache=cache)
-        cache.lengths += write.long()
+            cache.lengths -= popped   # KVCache.pop, every row at once
+        if force is not None:
+            ended = step + 1 >= force_len
+        else:
+            ended = nxt == stops[0] if len(stops) == 1 else torch.isin(nxt, stops)
+        if capped:
+            ended = ended | (cache.lengths + write >= max_len)
+        done = done | ended   # (a row already done stays so, whatever its discarded action)
+        write = write & ~ended
+        if not bool(write.any()):   # one host read per step
+            if bool(done.all()):
+                break
+            continue   # every live row rewound: nothing to write, the next logits are in cache.h already
+        # one batched forward; rows that rewound or finished write their action (a dummy) past
+        # their length, a slot nothing attends to, and do not advance. lengths < max_len holds: a
+        # row that would reach it finished above.
+        model.hidden(nxt.unsqueeze(1), top, cache=cache)
+        cache.lengths += write
     # one transfer of everything recorded, then per-row lists
     A = torch.stack(actions, 1).tolist() if actions else [[] for _ in range(B)]
     L = torch.stack(logprobs, 1).tolist() if actions else [[] for _ in range(B)]

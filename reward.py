@@ -65,8 +65,8 @@ class RewardConfig:
 
 
 def text_of(tok, ids):
-    """Decoded text of response ids, without end-of-text tokens."""
-    return tok.decode([t for t in ids if t != tok.eot_id])
+    """Decoded text of response ids, without end tokens (any of the tokenizer's stop ids)."""
+    return tok.decode([t for t in ids if t not in tok.stop_ids])
 
 
 def outcome_score(task, text, problem):
@@ -115,13 +115,13 @@ def score(task, tok, problem, response, budget=None, rc=None):
     end-of-text unless truncated). budget: the backtrack budget in force (None = no cap).
     Returns a dict: the four COMPONENTS plus facts for logging (n_bk, right, draft_right, ...)."""
     rc = rc or RewardConfig()
-    bk, eot = tok.bk_id, tok.eot_id
+    bk = tok.bk_id
     final = resolve(response, bk)
     text = text_of(tok, final)
     n_bk = count_backtracks(response, bk)
     right = is_right(task, text, problem)
     draft_right = right if n_bk == 0 else is_right(task, text_of(tok, draft_ids(response, bk)), problem)
-    ended = len(final) > 0 and final[-1] == eot
+    ended = len(final) > 0 and final[-1] in tok.stop_ids
     return dict(
         outcome=outcome_score(task, text, problem),
         process=process_score(task, text, problem),

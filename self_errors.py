@@ -61,7 +61,7 @@ import torch
 from common import cli, configure, decoding_rule, load_model, parse_kwargs
 from data import Trace, as_rule, completion_batch, resolve
 from model import completion_logprobs, generate
-from tasks import checkpoint_task
+from tasks import checkpoint_task, prompt_ids
 
 
 @dataclass
@@ -69,6 +69,7 @@ class Config:
     ckpt: str = "out/sft"
     task: str = ""                   # default: the checkpoint's task (and its settings)
     task_kwargs: str = ""
+    chat: bool = True                # prompts in the checkpoint's chat template when it has one; False: plain
     policy: str = ""                 # rewind | keep; "" = the checkpoint's
     slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
     max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
@@ -266,7 +267,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
         raise SystemExit(f"error: no checkpoint at --ckpt={cfg.ckpt!r}")
-    model, tok = load_model(cfg.ckpt, device=cfg.device)
+    model, tok = load_model(cfg.ckpt, device=cfg.device, chat=cfg.chat)
     meta = model.meta
     task_name, task_kwargs, task = checkpoint_task(meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
@@ -278,7 +279,7 @@ def main(argv=None):
           f"at T={cfg.temperature}")
 
     t0 = time.time()
-    jobs = [(p, tok.encode(task.prompt(p))) for p in problems for _ in range(cfg.samples)]
+    jobs = [(p, prompt_ids(tok, task, p)) for p in problems for _ in range(cfg.samples)]
     stats = dict(samples=len(jobs), correct=0, wrong=0)
     cands, needless_pairs, seen = [], [], set()
     cap = None if cfg.max_backtracks < 0 else cfg.max_backtracks
@@ -286,7 +287,7 @@ def main(argv=None):
         part = jobs[s:s + cfg.batch_size]
         outs = generate(model, [q for _, q in part], max_new_tokens=max_new_tokens, **as_rule(rule),
                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cap,
-                        seed=cfg.seed * 1_000_003 + s)
+                        seed=cfg.seed * 1_000_003 + s, stop_ids=tok.stop_ids)
         for (p, prompt), o in zip(part, outs):
             resolved = o["resolved"]
             if cfg.needless_pairs:  # correct or not, a sample may have deleted a correct token
@@ -301,7 +302,7 @@ def main(argv=None):
                             <= model.config.block_size:
                         seen.add(key)
                         needless_pairs.append(q)
-            if task.verify(tok.decode([t for t in resolved if t != tok.eot_id]), p):
+            if task.verify(tok.decode([t for t in resolved if t not in tok.stop_ids]), p):
                 stats["correct"] += 1
                 continue
             stats["wrong"] += 1

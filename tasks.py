@@ -3,11 +3,13 @@ Tasks: where problems come from, how they are prompted, and exact verifiers of a
 
 A problem is a dict with at least 'question', 'answer' (canonical, as parse_answer returns it) and
 'solution' (the clean response text, without end-of-text, ending in a '#### <answer>' line). The
-response follows task.prompt(problem) directly. Every verifier reads the RESOLVED text (BKs
-applied, docs/backtrack-semantics.md §1), through the one answer parser below.
+response follows the prompt directly: prompt_ids (below) makes it, task.prompt(problem) as plain
+text, or task.messages(problem) in the model's chat template. Every verifier reads the RESOLVED text
+(BKs applied, docs/backtrack-semantics.md §1), through the one answer parser below.
 
     arith      multi-step arithmetic on a running total (the default; tiny models learn it in minutes)
     countdown  reach a target from given numbers; any valid solution is accepted
+    deps       evaluate a variable through a small dependency graph (for retry data, data.inject_retry)
     gsm8k      grade-school math word problems (assets/gsm8k, MIT licence; or your own JSONL files)
 """
 import gzip
@@ -68,7 +70,7 @@ def _bucket(text, n=10):
 #
 # A problem is a dict with at least 'question', 'answer' (canonical, as parse_answer returns it) and
 # 'solution' (the clean response text, without end-of-text, ending in a '#### <answer>' line).
-# The response follows task.prompt(problem) directly.
+# The response follows the prompt directly (prompt_ids).
 
 
 class Task:
@@ -80,9 +82,21 @@ class Task:
     def prompt(self, p):
         return p["question"] + "\n"
 
+    def user_message(self, p):
+        """What the user says in a chat turn (a chat template wraps it; see prompt_ids)."""
+        return p["question"]
+
+    def messages(self, p):
+        """The conversation a chat prompt renders: [{"role", "content"}], ending in the user's turn."""
+        return [dict(role="user", content=self.user_message(p))]
+
     def verify(self, text, p):
         """The answer is right and the response is well formed (one '####' line, the last)."""
         return self.well_formed(text) and parse_answer(text) == p["answer"]
+
+    def scores(self, text, p):
+        """Extra named correctness checks of a response (bools), reported beside acc as <name>_acc."""
+        return {}
 
     def well_formed(self, text):
         """The response ends in its one answer line: '####' occurs exactly once (up to end-of-text),
@@ -343,6 +357,239 @@ class Countdown(SyntheticTask):
         return "\n".join(lines + [f"#### {p['answer']}"])
 
 
+class Deps(SyntheticTask):
+    """Evaluate a variable through a small dependency graph (after Physics of Language Models part
+    2.2, arXiv 2408.16293, whose "retry" data this task exists for: data.inject_retry).
+
+    question 'n=s+4;v=n+s;s=6;d=v-1;?v': variables (one lowercase letter each) in shuffled order,
+    each a constant (a digit) or an expression 'a<op>b' of one or two other variables (the other
+    operand a digit); every value is taken mod 10, so it is one digit. The response computes what
+    the query needs, inputs first, one line per variable, then the answer:
+
+        s=6
+        n=s+4=6+4=0
+        v=n+s=0+6=6
+        #### 6
+
+    Each line is local and checks itself: the variable, its definition copied from the prompt, the
+    definition with the inputs' values substituted (each copied from the end of an earlier line,
+    always 4 tokens after the variable it replaces), and the result mod 10; a constant's line is
+    its definition. The clean order is the post-order of a depth-first walk from the query (the
+    operands of a definition left to right), so it never computes a distractor.
+
+    verify accepts ANY valid solution: every line is a variable of the problem written as above,
+    each input of a line was computed on an earlier line, no variable is written twice, the query
+    is computed and the answer line (one '####' line, the last) holds its value; lines for
+    distractors, and any topological order, are fine. steps: one check per line written, plus one
+    failed check per needed variable without a valid line (so skipping a step never passes them all).
+
+    Knobs: min_vars..max_vars variables that the query needs (itself included; drawn uniformly),
+    plus `distractors` that it does not need (constants or expressions of any variables defined
+    before them); ops from `ops` ('+-*'). The size of a byte-tokenized example is about
+    6 * (vars + distractors) prompt tokens and 12 per needed variable in the response (defaults:
+    at most 60 tokens in all; min_vars=5,max_vars=6 still fits block_size 128 and 96 new tokens).
+
+    Measured with the default 1.8M-parameter GPT (4 layers, 192 wide, byte tokens, block_size 128),
+    batch 32, lr 2e-3 cosine, clean traces (--backtrack_ratio=0), greedy accuracy on 200 test
+    problems (train_sft's held-out eval; each run is its own cosine schedule):
+      defaults (1..3 vars, 1 distractor), 3000 steps:  30% @1000, 40% @2000, 48% @3000
+          by size at 3000 (evaluated separately): 1 var 87%, 2 vars 58%, 3 vars 2%
+          longer split min_vars=4,max_vars=5:        0%
+      2..3 vars, 3000 steps:                            4% @1000, 36% @2000, 38% @3000
+      2..4 vars, 3000 steps:                            6% @1000, 28% @2000, 29% @3000
+      2..4 vars, 1500 steps:                            0% @500,   2% @1000,  6% @1500
+    The model learns the format, the first line and the mod-10 arithmetic first (above 90%);
+    what it learns last is looking a definition or a constant up in the prompt by its variable,
+    and a third variable (a second lookup chain) is mostly beyond it at 3000 steps: room for the
+    retry data to help. 3000 steps of the defaults took 16 minutes on 2 CPU cores shared with
+    other jobs (0.33 s a step, evaluations included).
+
+    Splits: a question is 'test' iff a stable hash of it falls in the test bucket (1 in 10), as in
+    every SyntheticTask. A "longer than training" split is this task with larger min_vars/max_vars
+    (e.g. min_vars=4,max_vars=5 after training on the defaults): its questions define more
+    variables, so they differ from every training question and can never have been trained on
+    (mind the model's block_size and max_new_tokens: both must hold the longer prompt and response,
+    and positions past the training lengths are untrained under learned position embeddings).
+    """
+    name = "deps"
+    LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+    def __init__(self, min_vars=1, max_vars=3, distractors=1, ops="+-", n_train=20000, n_test=500, vars=None):
+        if vars is not None:  # shorthand: exactly this many needed variables
+            min_vars = max_vars = int(vars)
+        assert 1 <= min_vars <= max_vars and distractors >= 0 and max_vars + distractors <= len(self.LETTERS), \
+            "bad deps settings"
+        assert ops and set(ops) <= set("+-*"), "deps ops are from '+-*'"
+        self.min_vars, self.max_vars, self.distractors, self.ops = min_vars, max_vars, distractors, ops
+        self.n_default = dict(train=n_train, test=n_test)
+
+    # -- generation
+
+    def _expr(self, rng, vs):
+        """A definition over the variables vs (one or two of them; with one, the other operand is
+        a digit), operands in random order."""
+        ops = list(vs) if len(vs) == 2 else [vs[0], str(rng.randint(0, 9))]
+        rng.shuffle(ops)
+        return ops[0] + rng.choice(self.ops) + ops[1]
+
+    def _make(self, rng):
+        k = rng.randint(self.min_vars, self.max_vars)
+        names = rng.sample(self.LETTERS, k + self.distractors)
+        need, extra = names[:k], names[k:]   # need: a topological order, the query last
+        defs, pending, used = {}, [], []     # pending: defined, not yet an input of anything
+        for i, v in enumerate(need):
+            if i == 0:
+                defs[v] = str(rng.randint(0, 9))
+            else:
+                # every earlier variable must end up an input of a later one: with k - i variables
+                # left (this one included), at most k - i + 1 pending ones can still be consumed
+                P = len(pending)
+                if i == k - 1:
+                    c = P
+                else:
+                    lo, hi = max(0, P + 1 - (k - i)), min(2, P)
+                    c = rng.choices(range(lo, hi + 1), weights=[(0.25, 1.0, 0.5)[x] for x in range(lo, hi + 1)])[0]
+                if c == 0:
+                    defs[v] = str(rng.randint(0, 9))
+                else:
+                    take = rng.sample(pending, c)
+                    for x in take:
+                        pending.remove(x)
+                        used.append(x)
+                    if c == 1 and used[:-1] and rng.random() < 0.3:   # share an input: a DAG, not a tree
+                        take.append(rng.choice([x for x in used if x not in take]))
+                    defs[v] = self._expr(rng, take)
+            if i < k - 1:
+                pending.append(v)
+        for j, v in enumerate(extra):   # distractors: nothing the query needs reads them
+            pool = need + extra[:j]
+            r = rng.random()
+            defs[v] = str(rng.randint(0, 9)) if r < 0.3 else self._expr(rng, rng.sample(pool, 1 if r < 0.65 else 2)
+                                                                     if len(pool) > 1 else pool[:1])
+        shown = list(defs)
+        rng.shuffle(shown)
+        question = ";".join(f"{v}={defs[v]}" for v in shown) + f";?{need[-1]}"
+        return self.problem(question)
+
+    @staticmethod
+    def parse(question):
+        """(defs in prompt order, query) of a question 'n=s+4;v=n+s;s=6;?v'."""
+        *parts, q = question.split(";")
+        assert q.startswith("?"), f"not a deps question: {question!r}"
+        return dict(p.split("=", 1) for p in parts), q[1:]
+
+    @staticmethod
+    def inputs(d):
+        """The variables a definition reads, left to right."""
+        return [c for c in d if c.isalpha()]
+
+    def problem(self, question):
+        """The problem dict of a question: defs, values, needed, clean order, solution."""
+        defs, query = self.parse(question)
+        values = {}
+
+        def value(v, seen=()):
+            if v not in values:
+                assert v in defs and v not in seen, f"undefined or cyclic variable {v!r} in {question!r}"
+                d = defs[v]
+                if len(d) == 1:
+                    values[v] = int(d)
+                else:
+                    a, b = (value(x, seen + (v,)) if x.isalpha() else int(x) for x in (d[0], d[2]))
+                    values[v] = _apply(d[1], a, b) % 10
+            return values[v]
+
+        for v in defs:
+            value(v)
+        order = []
+
+        def walk(v):   # depth-first, operands left to right; post-order = inputs first
+            if v not in order:
+                for x in self.inputs(defs[v]):
+                    walk(x)
+                order.append(v)
+
+        walk(query)
+        lines = [self.line(v, defs, values) for v in order] + [f"#### {values[query]}"]
+        return dict(question=question, answer=str(values[query]), solution="\n".join(lines), defs=defs,
+                    values=values, query=query, order=order, needed=sorted(order))
+
+    @staticmethod
+    def line(v, defs, values):
+        """The line that computes v: 's=6' for a constant, 'n=s+4=6+4=0' for an expression."""
+        d = defs[v]
+        if len(d) == 1:
+            return f"{v}={values[v]}"   # = its definition, unless values are a slip's
+        sub = "".join(str(values[c]) if c.isalpha() else c for c in d)
+        return f"{v}={d}={sub}={values[v]}"
+
+    # -- verification
+
+    def _walk(self, text, p):
+        """(one check per line before the answer line, the variables validly computed)."""
+        lines = response_lines(text)
+        if lines and "####" in lines[-1]:
+            lines = lines[:-1]
+        defs, values = p["defs"], p["values"]
+        checks, written, done = [], set(), set()
+        for l in lines:
+            v = l.partition("=")[0]
+            ok = (v in defs and v not in written and l == self.line(v, defs, values)
+                  and all(x in done for x in self.inputs(defs[v])))
+            written.add(v)
+            if ok:
+                done.add(v)
+            checks.append(ok)
+        return checks, done
+
+    def verify(self, text, p):
+        """Well formed, the answer right, every line valid (inputs computed on earlier lines, no
+        variable twice, arithmetic right) and the query computed."""
+        if not self.well_formed(text) or parse_answer(text) != p["answer"]:
+            return False
+        checks, done = self._walk(text, p)
+        return all(checks) and p["query"] in done
+
+    def steps(self, text, p):
+        """One check per line written (the answer line, when last, excepted), then one failed check
+        per needed variable that no valid line computes. Never empty (the query is needed)."""
+        checks, done = self._walk(text, p)
+        return checks + [False for v in p["needed"] if v not in done]
+
+    def slip(self, p, rng):
+        """One line's result off (by one, mostly), and the lines after it carried on from it."""
+        defs, order = p["defs"], p["order"]
+        k = rng.randrange(len(order))
+        vals = dict(p["values"])
+        for i, v in enumerate(order):
+            d = defs[v]
+            if len(d) > 1:
+                a, b = (vals[x] if x.isalpha() else int(x) for x in (d[0], d[2]))
+                vals[v] = _apply(d[1], a, b) % 10
+            if i == k:
+                vals[v] = (vals[v] + (rng.choice((-1, 1)) if rng.random() < 0.7 else rng.randint(2, 8))) % 10
+        lines = [self.line(v, defs, vals) for v in order] + [f"#### {vals[p['query']]}"]
+        return "\n".join(lines)
+
+    # -- material for data.inject_retry
+
+    def retry_options(self, p, line_index, kind="retry"):
+        """Wrong line beginnings to write (and undo) before line `line_index` of the clean solution
+        (the answer line is index len(order)): a list, one entry per candidate variable, each a list
+        of alternative beginnings ('v=' or 'v=n+s=', where a model would notice that an input is
+        missing). kind 'retry': variables of the problem (distractors too) not yet computed there
+        with an input not yet computed; 'retry_weak': variables of later lines, ready or not."""
+        defs, order = p["defs"], p["order"]
+        done = set(order[:line_index])
+        if kind == "retry":
+            cands = [v for v in defs if v not in done and not all(x in done for x in self.inputs(defs[v]))]
+        elif kind == "retry_weak":
+            cands = order[line_index + 1:]
+        else:
+            raise ValueError(f"unknown retry kind {kind!r}: expected 'retry' or 'retry_weak'")
+        return [[f"{v}="] + ([f"{v}={defs[v]}="] if len(defs[v]) > 1 else []) for v in cands]
+
+
 def read_jsonl(path, fields=()):
     """(line number, row) for each row of a JSONL file (.jsonl, or .jsonl.gz). A malformed line, or a
     row missing a string field, raises ValueError naming the file and the line, so a bad data file
@@ -455,12 +702,28 @@ class GSM8K(Task):
     calc='strip' drops the <<a*b=c>> calculator annotations from the solution text, 'annotated'
     leaves them in. The training split drops (and counts in self.dropped) any question whose normalized text
     is in the test file, and check_train raises if one gets in another way.
+
+    Evaluation protocol (common.evaluate, evaluate.py):
+    - Prompt. A checkpoint whose tokenizer has a chat template is prompted zero-shot in chat format,
+      chain of thought: one user turn holding the question and INSTRUCTION (reason step by step, end
+      with '#### <answer>'), rendered with the checkpoint's own template (tasks.prompt_ids; --chat=False
+      turns it off). Without a template the prompt is 'Question: ...\nAnswer:\n'. shots=N
+      (--task_kwargs=shots=N) puts N train-split problems first, as example turns with their reference
+      solutions (in the plain format: as Question/Answer blocks).
+    - Scoring, on the resolved text: acc is verify (the one '####' line is the last one and holds the
+      answer: what training teaches); strict_acc reads the number after the last '####' or "The answer
+      is"; lenient_acc reads the last number anywhere in the text. Published instruct baselines and
+      community GRPO numbers differ by this choice, so all three are reported.
+    - Decoding: greedy and one sample at T=1 per problem (held_out_eval, evaluate.py), as for every task.
     """
     name = "gsm8k"
+    INSTRUCTION = ("Solve the problem step by step. Then write the final answer on the last line, "
+                   "as '#### <answer>' with the number only.")
 
-    def __init__(self, path=None, data_dir=None, calc="strip", test_path=None):
+    def __init__(self, path=None, data_dir=None, calc="strip", test_path=None, shots=0):
         assert calc in ("strip", "annotated"), f"calc must be 'strip' or 'annotated', not {calc!r}"
-        self.calc = calc
+        assert isinstance(shots, int) and shots >= 0, f"shots must be a number >= 0, not {shots!r}"
+        self.calc, self.shots, self._examples = calc, shots, None
         d = data_dir or (path if path and os.path.isdir(path) else None)
         d = d or GSM8K_DIR
         self.file = path if path and not os.path.isdir(path) else None  # one file for every split
@@ -507,8 +770,39 @@ class GSM8K(Task):
                 self._test_questions = {normalize_question(r["question"]) for _, r in rows}
         return normalize_question(p["question"]) in self._test_questions
 
+    def examples(self, p):
+        """The `shots` worked examples put before p: the first train-split problems (in file order),
+        p's own question never among them."""
+        if not self.shots:
+            return []
+        if self._examples is None:
+            self._examples = self.problems("train")[:self.shots + 1]
+        return [e for e in self._examples if e["question"] != p["question"]][:self.shots]
+
     def prompt(self, p):
-        return f"Question: {p['question']}\nAnswer:\n"
+        shots = "".join(f"Question: {e['question']}\nAnswer:\n{e['solution']}\n\n" for e in self.examples(p))
+        return shots + f"Question: {p['question']}\nAnswer:\n"
+
+    def user_message(self, p):
+        return f"{p['question']}\n\n{self.INSTRUCTION}"
+
+    def messages(self, p):
+        turns = []
+        for e in self.examples(p):
+            turns += [dict(role="user", content=self.user_message(e)), dict(role="assistant", content=e["solution"])]
+        return turns + [dict(role="user", content=self.user_message(p))]
+
+    _STRICT = re.compile(r"(?:####|[Tt]he answer is)[:\s]*(-?\$?\s*\d[\d,]*(?:\.\d+)?)")
+    _ANY_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+    def scores(self, text, p):
+        """strict: the number right after the last '####' or "The answer is" is the answer; lenient:
+        the last number in the text is (both up to end-of-text, normalized by normalize_number)."""
+        text = text.split(EOT_TEXT)[0]
+        strict = self._STRICT.findall(text)
+        lenient = self._ANY_NUMBER.findall(text)
+        return dict(strict=bool(strict) and normalize_number(strict[-1]) == p["answer"],
+                    lenient=bool(lenient) and normalize_number(lenient[-1]) == p["answer"])
 
     def steps(self, text, p):
         """One bool per equation: each <<expr=value>> annotation when the text has them, else each
@@ -558,7 +852,17 @@ def example_solution_pairs(path=None, calc="strip"):
     return out
 
 
-TASKS = dict(arith=Arith, countdown=Countdown, gsm8k=GSM8K)
+TASKS = dict(arith=Arith, countdown=Countdown, deps=Deps, gsm8k=GSM8K)
+
+
+def prompt_ids(tok, task, p):
+    """The prompt ids of problem p, the one way every stage makes them (traces, rollouts, evaluation,
+    self-errors, generation): with the tokenizer's chat template on (tok.chat), the conversation
+    task.messages(p) (the user turn task.user_message(p), after any example turns) rendered by
+    tok.chat_ids; else tok.encode(task.prompt(p))."""
+    if getattr(tok, "chat", False):
+        return tok.chat_ids(task.messages(p))
+    return tok.encode(task.prompt(p))
 
 
 def get_task(name="arith", **kw):

@@ -1,21 +1,21 @@
 """
 Tokenizers: tiktoken encodings with the two special tokens every model here knows, end-of-text and
 <|BACKTRACK|> (BK), read from the byte vocabulary, GPT-2's BPE ranks or a Hugging Face folder
-(Llama 3, Qwen2/Qwen3, GPT-2), and the chat templates of instruct models.
+(Llama 3, Qwen2/Qwen3, GPT-2), the end ids a checkpoint declares, and the chat templates of
+instruct models, rendered the way `transformers` renders them.
 
 Ids are what every other file works in: a trace is built, resolved and scored in token ids, never
 by editing text (docs/backtrack-semantics.md §1). `encode` never produces a special token from
 user text, so a typed "<|BACKTRACK|>" is ordinary text; only code adds BK, end-of-text and chat
-markers.
+markers (a chat template's markers come from the template, never from the messages).
 """
+import functools
 import json
 import os
 import re
 
-from hf import read_json
+from hf import BK_TEXT, EOT_TEXT, bytes_to_unicode, declared_eos_ids, has_tokenizer_files, read_json
 
-BK_TEXT = "<|BACKTRACK|>"
-EOT_TEXT = "<|endoftext|>"
 # GPT-2's BPE ranks ship with the repository (assets/, MIT licence beside them): no download needed
 GPT2_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "gpt2.tiktoken")
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -40,9 +40,15 @@ class Tokenizer:
     its own special tokens, eot = its eos token and BK on a reserved id (see read_hf_tokenizer).
     `encode` never produces special tokens from user text: a literal "<|BACKTRACK|>" typed by a
     user is ordinary text. Special ids are added only by code (eot_id, bk_id, bos_id, chat_ids).
+
+    stop_ids: every id that ends a reply, eot first, then each eos_token_id the folder declares
+    (generation_config.json, config.json): Llama 3 instruct stops on <|eot_id|>, <|eom_id|> and
+    <|end_of_text|>, Qwen on <|im_end|> and <|endoftext|>. chat_template: the folder's own (None
+    elsewhere); chat: whether prompts are rendered with it (tasks.prompt_ids), on by default when
+    there is one, off with chat=False.
     """
 
-    def __init__(self, name="byte", path=None):
+    def __init__(self, name="byte", path=None, chat=True):
         import tiktoken
         if path is not None and os.path.isdir(path):
             spec = read_hf_tokenizer(path)
@@ -70,6 +76,10 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(f"{self.name}_bk", pat_str=spec["pat"], mergeable_ranks=spec["ranks"],
                                      special_tokens={t: i for i, t in self.special.items()})
         self.n_vocab = max(max(spec["ranks"].values()), max(self.special)) + 1
+        self.stop_ids = spec.get("stop_ids") or [self.eot_id]
+        self.chat_template = spec.get("chat_template")      # jinja source, or None
+        self.template_vars = spec.get("template_vars", {})  # bos_token, eos_token, ... as templates see them
+        self.chat = bool(chat) and self.chat_template is not None
 
     def encode(self, text):
         if self.nfc:
@@ -85,12 +95,41 @@ class Tokenizer:
     def decode(self, ids):
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
+    def chat_ids(self, messages, system=None):
+        """The ids of a conversation rendered with the folder's chat template, as transformers'
+        apply_chat_template(messages, add_generation_prompt=True, tokenize=True) gives them: the
+        template's text split at special and added tokens, each one the template writes becoming its
+        id and the text between going through encode. messages: a str (one user turn) or a list of
+        {"role", "content"} dicts; system: a system turn put first. Special-token text inside a
+        message stays ordinary text (transformers' sanitize_control_tokens=True)."""
+        if self.chat_template is None:
+            raise ValueError(f"tokenizer {self.path or self.name!r} has no chat template (tokenizer_config.json "
+                             "'chat_template', chat_template.jinja or chat_template.json): prompts stay plain")
+        if isinstance(messages, str):
+            messages = [dict(role="user", content=messages)]
+        if system is not None:
+            messages = [dict(role="system", content=system)] + list(messages)
+        texts = tuple(sorted(set(self.special.values()), key=len, reverse=True))
+        specials, marked = _special_patterns(texts)
+        text = render_chat(self.chat_template, _mark(messages, specials), self.template_vars)
+        ids, ends = [], {t: i for i, t in self.special.items()}
+        pos = 0
+        for m in marked.finditer(text):
+            ids += self.encode(text[pos:m.start()])
+            if m["typed"] is not None:       # typed by a user: text, encoded on its own
+                ids += self.encode(m["typed"])
+            elif m["special"] is not None:   # written by the template
+                ids.append(ends[m["special"]])
+            pos = m.end()                    # a lone marker (a template split a typed token) breaks the text
+        return ids + self.encode(text[pos:])
 
-def get_tokenizer(name, path=None):
-    """'byte', 'gpt2' (path: its ranks file), or a Hugging Face folder given as path or as name."""
+
+def get_tokenizer(name, path=None, chat=True):
+    """'byte', 'gpt2' (path: its ranks file), or a Hugging Face folder given as path or as name.
+    chat=False: prompts stay plain even when the folder has a chat template (Tokenizer.chat)."""
     if path is None and name not in ("byte", "gpt2") and os.path.isdir(str(name)):
         name, path = None, name
-    return Tokenizer(name, path)
+    return Tokenizer(name, path, chat=chat)
 
 
 def load_ranks(path):
@@ -104,20 +143,6 @@ def load_ranks(path):
     except (ValueError, binascii.Error) as e:
         raise ValueError(f"{path} is not a tiktoken rank file (a SentencePiece model? Llama 1/2 "
                          "tokenizers are not supported)") from e
-
-
-def bytes_to_unicode():
-    """GPT-2's reversible map from the 256 bytes to printable characters, which is how byte-level BPE
-    vocabularies are stored as JSON text: printable Latin-1 bytes stand for themselves, every other
-    byte b is the n-th character after chr(255), in byte order (so b' ' is 'Ġ', b'\\n' is 'Ċ')."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def byte_level_ranks(vocab, merges, special=()):
@@ -168,11 +193,6 @@ def _split_regex(pre):
     return None
 
 
-def has_hf_tokenizer(path):
-    return any(os.path.exists(os.path.join(path, f)) for f in
-               ("tokenizer.json", "vocab.json", "tokenizer.model", os.path.join("original", "tokenizer.model")))
-
-
 def read_hf_tokenizer(path):
     """Read a Hugging Face folder's tokenizer as tiktoken ranks plus special tokens.
 
@@ -183,13 +203,21 @@ def read_hf_tokenizer(path):
     config.json. BK: an id the checkpoint already has but never uses, so its table keeps its shape: the
     last <|reserved_special_token_N|> (Llama 3); else the id after the last token (Qwen's table has
     unused rows there; GPT-2's gets padded by the model loader). A config.json written by export_hf
-    names it (backtrack_token_id). Returns dict(name, ranks, pat, special, eot_id, bk_id, bos_id, nfc).
+    names it (backtrack_token_id); so does the config.json of a checkpoint of this project that carries
+    its tokenizer files (its eot_id and bk_id). stop_ids: eot, then every end id the folder declares
+    (hf.declared_eos_ids). chat_template: the folder's own, read as transformers reads it
+    (chat_template.jinja, else tokenizer_config.json's "chat_template", its "default" when it holds
+    several; else chat_template.json); template_vars: the named special tokens (bos_token, eos_token,
+    ...) a template sees. Returns dict(name, ranks, pat, special, eot_id, bk_id, bos_id, nfc, stop_ids,
+    chat_template, template_vars).
     """
     def js(name):
         p = os.path.join(path, name)
         return read_json(p) if os.path.exists(p) else {}
 
     cfg, tcfg, tj = js("config.json"), js("tokenizer_config.json"), js("tokenizer.json")
+    if cfg.get("format") == "backtrack-gpt":   # a checkpoint of this project: its own ids decide
+        cfg = dict(eos_token_id=cfg["config"]["eot_id"], backtrack_token_id=cfg["config"]["bk_id"])
     special, vocab, pat, nfc = {}, None, None, None
     if tj:
         m = tj.get("model") or {}
@@ -246,15 +274,46 @@ def read_hf_tokenizer(path):
         reserved = [i for i, t in special.items() if re.fullmatch(r"<\|reserved_special_token_\d+\|>", t)]
         bk = max(reserved) if reserved else max(max(ranks.values()), max(special, default=-1)) + 1
     special[bk] = BK_TEXT
+    n = max(max(ranks.values()), max(special)) + 1
+    stops = [eot] + [i for i in declared_eos_ids(path) if i not in (eot, bk) and 0 <= i < n]
+    template_vars = {}
+    for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        t = tcfg.get(k) or js("special_tokens_map.json").get(k)
+        t = t.get("content") if isinstance(t, dict) else t
+        if isinstance(t, str):
+            template_vars[k] = t
     return dict(name=name, ranks=ranks, pat=pat or default_pat, special=special, eot_id=eot, bk_id=bk,
                 bos_id=ids.get("<|begin_of_text|>") if name == "llama3" else None,
-                nfc=name.startswith("qwen") if nfc is None else nfc)
+                nfc=name.startswith("qwen") if nfc is None else nfc, stop_ids=stops,
+                chat_template=read_chat_template(path, tcfg), template_vars=template_vars)
+
+
+def read_chat_template(path, tcfg=None):
+    """A folder's chat template (jinja source) or None: chat_template.jinja, which transformers lets win,
+    else tokenizer_config.json's "chat_template" (a list of named templates: the "default" one), else
+    chat_template.json (a processor's)."""
+    f = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(f):
+        with open(f, encoding="utf-8") as fh:
+            return fh.read()
+    if tcfg is None:
+        tc = os.path.join(path, "tokenizer_config.json")
+        tcfg = read_json(tc) if os.path.exists(tc) else {}
+    t = tcfg.get("chat_template")
+    f = os.path.join(path, "chat_template.json")
+    if t is None and os.path.isfile(f):
+        t = read_json(f).get("chat_template")
+    if isinstance(t, list):
+        t = {x["name"]: x["template"] for x in t}
+    if isinstance(t, dict):
+        t = t.get("default")
+    return t if isinstance(t, str) and t else None
 
 
 def hf_tokenizer_ids(path):
     """eot_id, bk_id, n_vocab and path of a Hugging Face folder's tokenizer, for the model loader, so
     model and tokenizer agree; None when the folder has no tokenizer (or one this file cannot read)."""
-    if not has_hf_tokenizer(path):
+    if not has_tokenizer_files(path):
         return None
     try:
         s = read_hf_tokenizer(path)
@@ -267,57 +326,74 @@ def hf_tokenizer_ids(path):
 
 
 # -----------------------------------------------------------------------------
-# chat templates: one user turn, ending where the assistant's reply begins
+# chat templates: the folder's own jinja, rendered as transformers renders it
 
 
-def chat_family(tok_or_family):
-    """'llama3' or 'chatml' (Qwen) from a Tokenizer (by its special tokens) or a family name."""
-    x = tok_or_family
-    if isinstance(x, Tokenizer):
-        texts = set(x.special.values())
-        if "<|start_header_id|>" in texts:
-            return "llama3"
-        if "<|im_start|>" in texts:
-            return "chatml"
-        x = x.name
-    x = str(x).lower()
-    if x.startswith("llama"):
-        return "llama3"
-    if x.startswith("qwen") or x == "chatml":
-        return "chatml"
-    raise ValueError(f"no chat template for {x!r}: expected a Llama 3 or Qwen tokenizer or family name")
+@functools.lru_cache(maxsize=8)
+def _compile(template):
+    """transformers' environment: sandboxed (templates come from the Hub), trim_blocks and
+    lstrip_blocks, loop controls, {% generation %} blocks (rendered as their body), a tojson that keeps
+    non-ASCII and HTML characters, raise_exception and strftime_now."""
+    import datetime
+
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):   # transformers tracks assistant spans with it; the text is the body
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
-def chat_parts(tok_or_family, question, system=None):
-    """[(text, is_marker)] of one user turn. Text between two markers is one piece, because a
-    Hugging Face tokenizer splits the rendered template at its special tokens before encoding."""
-    M = lambda t: (t, True)
-    if chat_family(tok_or_family) == "llama3":  # Llama 3 trims each message
-        turn = lambda role, text: [M("<|start_header_id|>"), (role, False), M("<|end_header_id|>"),
-                                   ("\n\n" + text.strip(), False), M("<|eot_id|>")]
-        head = [M("<|begin_of_text|>")] + (turn("system", system) if system is not None else [])
-        return head + turn("user", question) + [M("<|start_header_id|>"), ("assistant", False),
-                                                M("<|end_header_id|>"), ("\n\n", False)]
-    turn = lambda role, text: [M("<|im_start|>"), (f"{role}\n{text}", False), M("<|im_end|>"), ("\n", False)]
-    head = turn("system", system) if system is not None else []
-    return head + turn("user", question) + [M("<|im_start|>"), ("assistant\n", False)]
+def render_chat(template, messages, variables=None, add_generation_prompt=True):
+    """The text of a conversation under a chat template, with the generation prompt (the assistant's
+    header) at the end: what transformers' apply_chat_template(..., tokenize=False) returns. Keys of
+    a message whose value is None are dropped first, as transformers does; variables are the named
+    special tokens (Tokenizer.template_vars: bos_token, eos_token, ...)."""
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    return _compile(template).render(messages=messages, tools=None, documents=None,
+                                     add_generation_prompt=add_generation_prompt, **(variables or {}))
 
 
-def chat_prompt(tok_or_family, question, system=None):
-    """The text an instruct model of this family expects before its answer: Llama 3 headers closed by
-    <|eot_id|>, or ChatML (<|im_start|>role ... <|im_end|>) for Qwen. No system turn unless given
-    (Qwen2/2.5's own templates add a default one; pass it as `system` to match them exactly).
-    Turn it into ids with chat_ids: `encode` keeps the markers as plain text, by design."""
-    return "".join(t for t, _ in chat_parts(tok_or_family, question, system))
+# A special token's text typed inside a message is wrapped in these private-use markers before
+# rendering, so that splitting the rendered text can tell it from the markers the template writes.
+_OPEN, _CLOSE = "\ue000", "\ue001"
 
 
-def chat_ids(tok, question, system=None):
-    """chat_prompt as ids: markers by their ids, the question and system text through encode, so a
-    marker typed inside the question stays ordinary text."""
-    ids = {t: i for i, t in tok.special.items()}
-    out = []
-    for text, marker in chat_parts(tok, question, system):
-        if marker and text not in ids:
-            raise ValueError(f"tokenizer {tok.name!r} has no {text} token")
-        out += [ids[text]] if marker else tok.encode(text)
-    return out
+@functools.lru_cache(maxsize=8)
+def _special_patterns(texts):
+    """(any special token's text; the rendered text's split points: a marked typed token, a lone
+    marker, or a special token the template wrote), longest token first."""
+    alt = "|".join(map(re.escape, texts)) or "(?!)"
+    return re.compile(alt), re.compile(f"{_OPEN}(?P<typed>{alt}){_CLOSE}|[{_OPEN}{_CLOSE}]|(?P<special>{alt})")
+
+
+def _mark(x, specials):
+    if isinstance(x, str):
+        x = x.replace(_OPEN, "").replace(_CLOSE, "")   # markers typed by a user cannot forge a token
+        return specials.sub(lambda m: _OPEN + m[0] + _CLOSE, x)
+    if isinstance(x, dict):
+        return {k: _mark(v, specials) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_mark(v, specials) for v in x]
+    return x

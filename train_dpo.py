@@ -24,7 +24,6 @@ step, and kept in out_dir/ref_logprobs.pt, so no second model sits in memory and
 Logged like TRL: rewards/chosen = beta (log pi_c - log ref_c), rewards/rejected likewise,
 rewards/margins = their difference, rewards/accuracies = share of pairs with a positive margin.
 """
-import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (all_reduce_sum, cli, decoding_rule, end_step, eval_and_log, finish, freeze_all_but_bk, load_stage_model,
+from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eval_and_log, finish, freeze_all_but_bk, load_stage_model,
                     lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
 from data import Trace, as_rule, collate, completion_batch, layout
 from model import completion_logprobs
@@ -50,6 +49,7 @@ class Config:
     # task (default: the checkpoint's own task, settings and context policy)
     task: str = ""
     task_kwargs: str = ""
+    chat: bool = True                # prompts in the checkpoint's chat template when it has one; False: plain
     policy: str = ""                  # rewind | keep; "" = the checkpoint's
     slot_bans: str = ""               # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
     max_retries: str = ""             # per-slot retry limit: a number | none; "" = the checkpoint's
@@ -82,6 +82,7 @@ class Config:
     seed: int = 1337
     device: str = "cpu"
     compile: bool = False
+    fsdp: bool = False                # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
     progress: bool = True
 
 # -----------------------------------------------------------------------------
@@ -191,7 +192,8 @@ def main(argv=None):
     cfg, ddp, rank, world, device = start_run(Config(), argv)
     master = rank == 0
     resuming = cfg.init_from == "resume"
-    model, tok, init_meta = load_stage_model(cfg.out_dir if resuming else cfg.init_from, device, "DPO")
+    model, tok, init_meta = load_stage_model(cfg.out_dir if resuming else cfg.init_from, device, "DPO", cfg.chat)
+    cfg.chat = tok.chat   # saved with the run: what its evaluation prompts were
     ref_path = init_meta.get("dpo_reference", cfg.init_from) if resuming else cfg.init_from
     task_name, task_kwargs, task = checkpoint_task(init_meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
@@ -220,10 +222,10 @@ def main(argv=None):
 
     if cfg.embedding_only:
         freeze_all_but_bk(model, tok.bk_id)
-    optimizer = make_optimizer(model, cfg)
-    start, log = restore(optimizer, cfg, resuming, master)
     raw = model
-    model = wrap(model, cfg, ddp)
+    model = wrap(model, cfg, ddp)   # before the optimizer: FSDP replaces the parameters with shards
+    optimizer = make_optimizer(raw, cfg)
+    start, log = restore(raw, optimizer, cfg, resuming, master)
     global_size = cfg.batch_size * cfg.grad_accum * world
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
     meta = dict(task=task_name, task_kwargs=task_kwargs, **rule, max_new_tokens=max_new_tokens,
@@ -237,7 +239,7 @@ def main(argv=None):
     if master and cfg.eval_at_start and start == 0 and cfg.eval_interval > 0:
         run_eval(0)
     save = lambda step: save_checkpoint(model, optimizer, step, cfg, meta, log)
-    if master and start == 0:
+    if start == 0:   # every rank: under FSDP the save gathers the shards
         save(0)   # a run killed before its first periodic save can still be resumed
     bar = progress_bar(cfg, start, master, "dpo")
     t0, done = time.time(), start
@@ -255,7 +257,7 @@ def main(argv=None):
             part = mine[a * per_micro:(a + 1) * per_micro]
             batch = pair_batch([pairs[i] for i in part], tok.bk_id, rule, device)
             sync = not ddp or a == cfg.grad_accum - 1
-            ctx = model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
+            ctx = grad_sync(model, ddp, sync)
             with ctx:
                 lp = completion_logprobs(model, batch)
                 n = len(part)

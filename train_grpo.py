@@ -22,7 +22,6 @@ generation stops a row there):
 Token loss: -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * KL_k3, with
 r = pi / pi_old; r == 1 unless a batch is reused for several passes (num_iterations > 1).
 """
-import contextlib
 import math
 import os
 import random
@@ -31,12 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (all_reduce_sum, cli, decoding_rule, end_step, eval_and_log, finish, freeze_all_but_bk, load_stage_model, lr_at,
+from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eval_and_log, finish, freeze_all_but_bk, load_stage_model, lr_at,
                     make_optimizer, parse_kwargs, progress_bar, reduce_dict, restore, save_checkpoint, start_run, wrap)
 from data import Trace, as_rule, collate, layout
 from model import GPT, action_logprobs, generate, unwrap
 from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
-from tasks import checkpoint_task
+from tasks import checkpoint_task, prompt_ids
 
 
 @dataclass
@@ -46,6 +45,7 @@ class Config:
     # task (default: the checkpoint's own task, settings and context policy)
     task: str = ""
     task_kwargs: str = ""
+    chat: bool = True                # prompts in the checkpoint's chat template when it has one; False: plain
     policy: str = ""                 # rewind | keep; "" = the checkpoint's
     slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
     max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
@@ -164,9 +164,10 @@ def rollout(model, tok, task, problems, cfg, rule, seed, budget, weights, rc):
     raw = unwrap(model)
     was_training = raw.training
     raw.eval()
-    prompts = [tok.encode(task.prompt(p)) for p in problems for _ in range(cfg.group_size)]
+    prompts = [prompt_ids(tok, task, p) for p in problems for _ in range(cfg.group_size)]
     outs = generate(raw, prompts, max_new_tokens=cfg.max_new_tokens, **as_rule(rule), temperature=cfg.temperature,
-                    top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cfg.max_backtracks, seed=seed)
+                    top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cfg.max_backtracks, seed=seed,
+                    stop_ids=tok.stop_ids)
     raw.train(was_training)
     rows = []
     for i, o in enumerate(outs):
@@ -209,22 +210,23 @@ def main(argv=None):
     cfg, ddp, rank, world, device = start_run(Config(), argv, check_args)
     master = rank == 0
     resuming = cfg.init_from == "resume"
-    model, tok, init_meta = load_stage_model(cfg.out_dir if resuming else cfg.init_from, device, "GRPO")
+    model, tok, init_meta = load_stage_model(cfg.out_dir if resuming else cfg.init_from, device, "GRPO", cfg.chat)
+    cfg.chat = tok.chat   # saved with the run: what its prompts were
     if cfg.embedding_only:
         freeze_all_but_bk(model, tok.bk_id)
     sft_path = init_meta.get("sft_checkpoint", cfg.init_from) if resuming else cfg.init_from
     task_name, task_kwargs, task = checkpoint_task(init_meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
     rule = decoding_rule(cfg, init_meta)
-    optimizer = make_optimizer(model, cfg)
-    start, log = restore(optimizer, cfg, resuming, master)
+    raw = model
+    model = wrap(model, cfg, ddp)
+    optimizer = make_optimizer(raw, cfg)
+    start, log = restore(raw, optimizer, cfg, resuming, master)
     ref = None
     if cfg.beta > 0:  # the frozen initial model, for the KL term
         ref = GPT.from_pretrained(sft_path, device=device)
         for p in ref.parameters():
             p.requires_grad_(False)
-    raw = model
-    model = wrap(model, cfg, ddp)
     rc = RewardConfig(cfg.clean_bonus, cfg.correction_bonus, cfg.unnecessary_penalty, cfg.failed_penalty, cfg.cap_penalty)
     weight_schedule = WeightSchedule.from_string(cfg.reward_weights)
     pool = task.problems("train", n=cfg.n_train, seed=cfg.seed)
@@ -243,7 +245,7 @@ def main(argv=None):
     if master and cfg.eval_at_start and start == 0 and cfg.eval_interval > 0:
         run_eval(0)
     save = lambda step: save_checkpoint(model, optimizer, step, cfg, meta, log)
-    if master and start == 0:
+    if start == 0:   # every rank: under FSDP the save gathers the shards
         save(0)   # a run killed before its first periodic save can still be resumed
     bar = progress_bar(cfg, start, master, "grpo")
     t0, gen_tokens, gen_time, done = time.time(), 0, 0.0, start
@@ -290,7 +292,7 @@ def main(argv=None):
         for it in range(cfg.num_iterations):
             for k, (s0, batch) in enumerate(batches):
                 sync = not ddp or k == len(batches) - 1
-                ctx = model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
+                ctx = grad_sync(model, ddp, sync)
                 with ctx:
                     lp = rollout_logprobs(model, batch, cfg)
                     row = batch["act_row"] + s0

@@ -16,7 +16,6 @@ loss unless --mask_errors=False.
 `--max_tokens=N` sets max_iters so that the run trains on about N tokens (backtrack traces are
 longer than clean ones: equal-token comparisons such as ablate.py's use it).
 """
-import contextlib
 import os
 import random
 import sys
@@ -25,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (all_reduce_sum, build_model, cli, end_step, eval_and_log, finish, freeze_all_but_bk,
+from common import (all_reduce_sum, build_model, cli, end_step, grad_sync, eval_and_log, finish, freeze_all_but_bk,
                     lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
-from data import Curriculum, build_traces, collate, layout, pack, read_traces
+from data import Curriculum, Prefetch, build_traces, collate, layout, pack, read_traces
 from model import sft_loss
 from tasks import get_task
 from tokenizer import get_tokenizer
@@ -41,12 +40,14 @@ class Config:
     task: str = "arith"
     task_kwargs: str = ""            # e.g. "steps=3,digits=1" (passed to data.get_task)
     tokenizer: str = "byte"          # byte | gpt2 | path to a Hugging Face tokenizer folder
+    chat: bool = True                # prompts through the tokenizer's chat template, when it has one
     policy: str = "rewind"           # rewind (errors leave the context) | keep (errors stay visible)
     slot_bans: bool = True           # rewind: a token deleted at a slot is banned there (docs §4; needed for greedy)
     max_retries: int = -1            # per-slot retry limit: BK is banned on a slot backtracked this often; -1 = none
     mask_errors: bool = True         # no loss on predicting an error token
     backtrack_ratio: float = 0.5     # share of traces that contain errors and backtracks
-    augment: str = "plausible"       # plausible | random | lcs (see data.build_traces)
+    augment: str = "plausible"       # plausible | random | lcs | mixed | retry | retry_weak (see data.build_traces)
+    retry_rate: float = 0.5          # retry augmentations: chance of an undone false start before each line
     curriculum: str = "0:1,0.3:2,0.6:3"  # progress:max_backtracks phases
     n_train: int = 50000             # size of the training problem pool
     pack_rows: bool = False          # pack several short traces into one row of block_size
@@ -86,6 +87,7 @@ class Config:
     device: str = "cpu"
     dtype: str = "float32"           # float32 | bfloat16 (autocast; for CUDA)
     compile: bool = False
+    fsdp: bool = False               # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
     progress: bool = True
 
 
@@ -99,7 +101,7 @@ def global_batch(step, cfg, tok, task, pool, extra, max_bk, size):
     n_extra = int(round(size * cfg.traces_ratio)) if extra else 0
     probs = [pool[rng.randrange(len(pool))] for _ in range(size - n_extra)]
     traces = build_traces(tok, task, probs, rng, backtrack_ratio=cfg.backtrack_ratio, max_backtracks=max_bk,
-                          augment=cfg.augment)
+                          augment=cfg.augment, retry_rate=cfg.retry_rate)
     traces += [extra[rng.randrange(len(extra))] for _ in range(n_extra)]
     return traces
 
@@ -127,6 +129,14 @@ def micro_batches(traces, cfg, tok, rank, world, max_bk, device):
     return out
 
 
+def step_data(step, cfg, tok, task, pool, extra, curriculum, rank, world, device):
+    """What one step trains on: the curriculum's backtrack cap and this rank's micro-batches, a pure
+    function of (seed, step), so the loop can have it built ahead (data.Prefetch)."""
+    max_bk = curriculum.max_backtracks(step / cfg.max_iters)
+    traces = global_batch(step, cfg, tok, task, pool, extra, max_bk, cfg.batch_size * cfg.grad_accum * world)
+    return max_bk, micro_batches(traces, cfg, tok, rank, world, max_bk, device)
+
+
 def sft_rule(cfg):
     """The decoding rule (data.as_rule) this run trains under; the checkpoint records it, so later
     stages, evaluation and generation decode under the same bans."""
@@ -150,7 +160,8 @@ def tokens_per_step(cfg, tok, task, pool, extra=None):
 def main(argv=None):
     cfg, ddp, rank, world, device = start_run(Config(), argv)
     master = rank == 0
-    tok = get_tokenizer(cfg.tokenizer)
+    tok = get_tokenizer(cfg.tokenizer, chat=cfg.chat)
+    cfg.chat = tok.chat   # saved with the run: what its prompts were, so later stages default to the same
     task_kwargs = parse_kwargs(cfg.task_kwargs)
     task = get_task(cfg.task, **task_kwargs)
     # every input is read before anything is built or written
@@ -161,10 +172,10 @@ def main(argv=None):
     model.to(device)
     if cfg.embedding_only:
         freeze_all_but_bk(model, tok.bk_id)
-    optimizer = make_optimizer(model, cfg)
-    start, log = restore(optimizer, cfg, cfg.init_from == "resume", master)
     raw = model
-    model = wrap(model, cfg, ddp)
+    model = wrap(model, cfg, ddp)   # before the optimizer: FSDP replaces the parameters with shards
+    optimizer = make_optimizer(raw, cfg)
+    start, log = restore(raw, optimizer, cfg, cfg.init_from == "resume", master)
     global_size = cfg.batch_size * cfg.grad_accum * world
     if cfg.max_tokens > 0:   # equal-token budgets: longer traces get fewer steps
         cfg.max_iters = max(1, round(cfg.max_tokens / (tokens_per_step(cfg, tok, task, pool, extra) * world)))
@@ -182,23 +193,23 @@ def main(argv=None):
     run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, sft_rule(cfg), cfg, log, cfg.max_new_tokens)
 
     save = lambda step: save_checkpoint(model, optimizer, step, cfg, meta, log)
-    if master and start == 0:
+    if start == 0:   # every rank: under FSDP the save gathers the shards
         save(0)   # a run killed before its first periodic save can still be resumed
     bar = progress_bar(cfg, start, master, "sft")
+    data = Prefetch(lambda step: step_data(step, cfg, tok, task, pool, extra, curriculum, rank, world, device),
+                    range(start, cfg.max_iters))
     t0, tokens, done = time.time(), 0, start
     for step in bar:
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        max_bk = curriculum.max_backtracks(step / cfg.max_iters)
-        traces = global_batch(step, cfg, tok, task, pool, extra, max_bk, global_size)
-        micros = micro_batches(traces, cfg, tok, rank, world, max_bk, device)
+        max_bk, micros = next(data)   # built ahead of time by a background thread (data.Prefetch)
         # one normaliser for the whole global batch: accumulation and DDP then equal one big batch
         wsum = all_reduce_sum(sum(b["weight"].sum() for b in micros).detach().clone(), ddp)
         loss_sum = torch.zeros((), device=device)
         for a, batch in enumerate(micros):
             sync = not ddp or a == len(micros) - 1
-            ctx = model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
+            ctx = grad_sync(model, ddp, sync)
             with ctx, autocast:
                 loss = sft_loss(model, batch, normalizer=wsum / world)
             loss.backward()
@@ -221,6 +232,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss_sum.item():.4f}", tok_s=f"{tokens * world / max(dt, 1e-9):.0f}")
         if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break
+    data.close()
     finish(raw, cfg, ddp, world, log, master, done, start, t0, "train_sft.py",
            then=f"python train_grpo.py --init_from={cfg.out_dir}   or   python generate.py --ckpt={cfg.out_dir} --prompt ...")
 

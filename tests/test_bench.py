@@ -44,6 +44,49 @@ def test_train():
     check(r)
 
 
+def test_batched_forced_replays_against_plain_decoding():
+    model = bench.make_model(tiny())
+    r = bench.bench_batched(model, rows=2, max_new_tokens=12, plen=4, p=0.3, reps=1)
+    assert r["forced_plain_tps"] > 0 and r["forced_rewind_tps"] > 0
+
+
+def test_vs_hugging_face():
+    pytest.importorskip("transformers")
+    for rows in (1, 3):
+        r = bench.bench_vs_hf(tiny(n_embd=64), rows, 6, plen=4, reps=1)
+        assert r["same_tokens"]
+        check(r)
+
+
+def test_rollout_bookkeeping_share():
+    model = bench.make_model(tiny())
+    r = bench.bench_rollout(model, rows=4, new_tokens=6, plen=4, reps=1)
+    assert 0 < r["bookkeeping"] < r["overhead"] < 1 and 0 < r["sampler"] and 0 <= r["setup"] < 1
+    assert r["model_us"] < r["step_us"]
+    assert "hidden" not in vars(model) and "forward" not in vars(model.lm_head)   # the timers are gone
+    import model as modellib
+    assert modellib.sample.__name__ == "sample" and modellib.shape_logits.__name__ == "shape_logits"
+
+
+def test_loss_head():
+    check(bench.bench_loss_head(n_actions=16, n_embd=16, vocab_size=320, n_vocab=258, reps=1))
+
+
+def test_sft_data_share():
+    r = bench.bench_sft_data(steps=2)
+    check({k: v for k, v in r.items() if k not in ("wait_ms", "wait_share")})
+    assert r["wait_share"] >= 0
+
+
+def test_large_model_path_runs_on_cpu_at_a_tiny_size():
+    # the CUDA-only section's code path, on a tiny Llama-shaped model
+    cfg = tiny(n_head=4, n_kv_head=2, bias=False, qkv_bias=True, norm="rmsnorm", mlp="swiglu", pos="rope",
+               vocab_size=320, n_vocab=258, eot_id=256, bk_id=257)
+    r = bench.bench_large(cfg, "cpu", bench.torch.float32, batch=2, length=16, rows=2, new_tokens=4, iters=1,
+                          peak=1e9)
+    check(r)
+
+
 def test_random_response_is_a_valid_rewind_trace():
     # no token deleted at a slot comes back at that slot, or its training log-prob would be -inf
     import random

@@ -252,6 +252,93 @@ def test_layout_counts_and_masks(prompt, response, train_prompt):
             assert len(L["ids"]) == len(L["pos"]) == len(L["parent"]) in (n_nodes, n_nodes - 1)  # the last may go unfed
             assert all(0 <= s < len(L["ids"]) for s in L["src"])
 
+
+def loop_ancestor_mask(parent):
+    # the reference: one Python step per node, each row copied from its parent's
+    import torch
+    m = torch.zeros(len(parent), len(parent), dtype=torch.bool)
+    for i, p in enumerate(parent):
+        if p >= 0:
+            m[i] = m[p]
+        m[i, i] = True
+    return m
+
+
+def loop_collate(layouts, pad_id=0):
+    # the reference: collate as it was, row by row and action by action
+    import torch
+    B, T = len(layouts), max(len(L["ids"]) for L in layouts)
+    ids, pos = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros((B, T), dtype=torch.long)
+    chain = all(all(p == i - 1 for i, p in enumerate(L["parent"])) for L in layouts)
+    mask = None if chain else torch.zeros(B, T, T, dtype=torch.bool)
+    rows, srcs, tgts, ws, ban_a, ban_t = [], [], [], [], [], []
+    for b, L in enumerate(layouts):
+        n = len(L["ids"])
+        ids[b, :n], pos[b, :n] = torch.tensor(L["ids"]), torch.tensor(L["pos"])
+        if mask is not None:
+            mask[b, :n, :n] = loop_ancestor_mask(L["parent"])
+            mask[b, n:, 0] = True
+        for s, t, w, bn in zip(L["src"], L["tgt"], L["weight"], L["bans"]):
+            a = len(rows)
+            rows.append(b); srcs.append(s); tgts.append(t); ws.append(w)
+            for x in bn:
+                ban_a.append(a); ban_t.append(x)
+    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)
+    return dict(ids=ids, pos=pos, mask=mask, act_row=t(rows), act_src=t(srcs), tgt=t(tgts),
+                weight=t(ws, torch.float32), ban_act=t(ban_a), ban_tok=t(ban_t),
+                n_tokens=sum(len(L["ids"]) for L in layouts))
+
+
+def test_ancestor_mask_equals_the_loop_on_random_trees():
+    import torch
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 120)
+        # parents precede children; several roots (-1) as in packed rows; deep chains and bushy trees
+        deep = rng.random() < 0.5
+        parent = [-1 if i == 0 or rng.random() < 0.03 else (i - 1 if deep and rng.random() < 0.9 else rng.randrange(i))
+                  for i in range(n)]
+        assert torch.equal(data.ancestor_mask(parent), loop_ancestor_mask(parent))
+
+
+def test_collate_equals_the_loop():
+    import torch
+    rng = random.Random(1)
+    for _ in range(40):
+        traces = [data.Trace([rng.randrange(BKID) for _ in range(rng.randint(1, 6))],
+                             [rng.choice([BKID] + list(range(BKID))) for _ in range(rng.randint(0, 40))])
+                  for _ in range(rng.randint(1, 6))]
+        policy = rng.choice(["keep", "rewind"])
+        lays = [data.layout(t, BKID, policy, max_backtracks=rng.choice([None, 2])) for t in traces]
+        if rng.random() < 0.3:
+            lays = data.pack(lays, 64)
+        got, want = data.collate(lays), loop_collate(lays)
+        assert got.keys() == want.keys()
+        for k, v in want.items():   # mask is None for chains, n_tokens an int
+            if torch.is_tensor(v):
+                assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+            else:
+                assert got[k] == v, k
+
+def test_prefetch_yields_in_order_and_raises_at_the_failing_step():
+    import time
+    made = []
+
+    def make(step):
+        time.sleep(0.002)
+        made.append(step)
+        if step == 6:
+            raise SystemExit(f"bad data at step {step}")
+        return step * step
+
+    pf = data.Prefetch(make, range(3, 9), ahead=2)
+    got = []
+    with pytest.raises(SystemExit, match="step 6"):
+        for x in pf:
+            got.append(x)
+    pf.close()
+    assert got == [9, 16, 25] and made[:4] == [3, 4, 5, 6] and pf.waited >= 0
+
 # -----------------------------------------------------------------------------
 # answers and verifiers
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import self_errors
 import train_dpo
+from conftest import only_bk_rows_moved
 import model as modellib
 import train_sft
 from data import Trace, collate, layout, read_traces, resolve
@@ -361,6 +362,12 @@ def dpo_args(run, out, *extra):
 def rows(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(l) for l in f]
+
+
+def test_embedding_only_dpo_moves_only_the_backtrack_rows(tiny_run, tmp_path):
+    out = str(tmp_path / "emb")
+    train_dpo.main(dpo_args(tiny_run, out, "--eval_interval=0", "--embedding_only=True", "--lr=1e-2", "--max_iters=3"))
+    only_bk_rows_moved(GPT.from_pretrained(tiny_run["sft"]), GPT.from_pretrained(out))
 
 
 def test_dpo_smoke_and_exact_resume(tiny_run, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_grpo
+from conftest import only_bk_rows_moved
 from hf import padded_vocab
 from model import GPT, GPTConfig
 from tasks import get_task
@@ -292,6 +293,14 @@ def test_resume_is_exact(sft_ckpt, tmp_path):
     x = torch.randint(0, 200, (2, 16))
     with torch.no_grad():
         assert torch.equal(GPT.from_pretrained(full)(x), GPT.from_pretrained(part)(x))
+
+
+def test_embedding_only_grpo_moves_only_the_backtrack_rows(sft_ckpt, tmp_path):
+    """Research notes 5.4: RL on the backtrack token's embedding alone."""
+    out = str(tmp_path / "emb")
+    train_grpo.main(SMALL + [f"--init_from={sft_ckpt}", f"--out_dir={out}", "--max_iters=3", "--eval_interval=0",
+                             "--embedding_only=True", "--lr=1e-2"])
+    only_bk_rows_moved(GPT.from_pretrained(sft_ckpt), GPT.from_pretrained(out))
 
 
 def test_logprob_mismatch_is_caught(sft_ckpt, tmp_path, monkeypatch):

@@ -29,8 +29,8 @@ from common import load_model
 from conftest import FIXTURES, ROOT
 from data import Trace, collate, layout, resolve
 from model import GPT, KVCache, generate
-from tokenizer import (BK_TEXT, GPT2_PAT, GPT2_RANKS, LLAMA3_PAT, LLAMA3_SPECIALS, QWEN2_PAT, bytes_to_unicode, chat_ids,
-                       chat_prompt, get_tokenizer, load_ranks)
+from tokenizer import (BK_TEXT, GPT2_PAT, GPT2_RANKS, LLAMA3_PAT, LLAMA3_SPECIALS, QWEN2_PAT, bytes_to_unicode,
+                       get_tokenizer, load_ranks)
 
 FAMILIES = ["gpt2", "llama", "qwen2", "qwen3"]
 
@@ -352,12 +352,19 @@ def test_gpt2_tokenizer_from_hf_files(tmp_path, kind):
     assert tok.decode([tok.bk_id, tok.eot_id]) == BK_TEXT + "<|endoftext|>"
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def test_qwen_tokenizer_from_hf_files(tmp_path):
     """Qwen layout: its own regex (one digit per piece) in tokenizer.json, NFC, ChatML markers added
-    after the ranks, eos <|im_end|>; BK takes the first id past the tokenizer's tokens."""
+    after the ranks, eos <|im_end|>; BK takes the first id past the tokenizer's tokens. The chat
+    template renders a turn; a marker typed in it stays text (tests/test_instruct.py compares real
+    templates with transformers)."""
     added = {"<|endoftext|>": 50256, "<|im_start|>": 50257, "<|im_end|>": 50258}
     write_hf_bpe(str(tmp_path), n=50256, added=added, pre_tokenizer=split_then_bytes(QWEN2_PAT),
-                 normalizer=dict(type="NFC"), tokenizer_config=dict(eos_token="<|im_end|>", tokenizer_class="Qwen2Tokenizer"))
+                 normalizer=dict(type="NFC"), tokenizer_config=dict(eos_token="<|im_end|>", tokenizer_class="Qwen2Tokenizer",
+                                                                    chat_template=CHATML))
     tok = get_tokenizer(str(tmp_path))
     assert (tok.name, tok.eot_id, tok.bk_id, tok.n_vocab) == ("qwen2", 50258, 50259, 50260)
     ref = tiktoken.Encoding("qwen_ref", pat_str=QWEN2_PAT, mergeable_ranks=gpt2_ranks(), special_tokens={})
@@ -366,9 +373,9 @@ def test_qwen_tokenizer_from_hf_files(tmp_path):
     assert tok.decode(tok.encode("12345")) == "12345" and len(tok.encode("12345")) == 5
     assert tok.encode("e\u0301") == tok.encode("\u00e9")
     q = "What is 2+2? <|im_end|>"
-    assert chat_prompt(tok, q) == f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
-    ids = chat_ids(tok, q, system="Be brief.")
-    assert tok.decode(ids) == chat_prompt("qwen2", q, system="Be brief.")
+    assert tok.chat and tok.decode(tok.chat_ids(q)) == f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.chat_ids(q, system="Be brief.")
+    assert tok.decode(ids) == f"<|im_start|>system\nBe brief.<|im_end|>\n" + tok.decode(tok.chat_ids(q))
     assert ids.count(50258) == 2 and ids.count(50257) == 3   # the typed <|im_end|> stays text
 
 
@@ -384,10 +391,9 @@ def test_llama3_tokenizer_model(tmp_path):
     for t in TEXTS:
         assert tok.encode(t) == ref.encode_ordinary(t) and tok.decode(tok.encode(t)) == t
     assert [tok.decode([i]) for i in tok.encode("12345")] == ["123", "45"]
-    ids = chat_ids(tok, " Natalia sold 48 clips. ", system="Solve it.")
-    assert ids[0] == tok.bos_id and tok.decode(ids) == chat_prompt(tok, " Natalia sold 48 clips. ", "Solve it.")
-    assert chat_prompt("llama3", "Q?") == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ?<|eot_id|>"
-                                           "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tok.chat_template is None and not tok.chat   # Meta's files carry no chat template: prompts stay plain
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.chat_ids("Q?")
     # the same tokenizer written as tokenizer.json (Split regex + ByteLevel), with Llama's added tokens
     write_hf_bpe(str(tmp_path / "json"), n=n, added={t: n + i for i, t in enumerate(LLAMA3_SPECIALS)},
                  pre_tokenizer=split_then_bytes(LLAMA3_PAT), tokenizer_config=dict(eos_token="<|eot_id|>"))
@@ -419,7 +425,7 @@ def test_model_and_tokenizer_agree(tmp_path, name):
     ids, ref = reference(name)
     with torch.no_grad():
         assert (m(ids) - ref).abs().max().item() < 1e-5
-    out = generate(m, [chat_ids(tok, "2+2?")], max_new_tokens=8, temperature=0)
+    out = generate(m, [tok.encode("2+2?")], max_new_tokens=8, temperature=0)
     assert all(t < m.config.n_vocab for t in out[0]["response"])
 
 

@@ -305,3 +305,77 @@ def test_masked_banned_action_does_not_poison_the_loss():
     assert 7 in L["bans"][2]
     L["weight"][2] = 0.0
     assert torch.isfinite(sft_loss(m, collate([L])))
+
+
+def dense_reference_logprobs(m, batch, T, k, p):
+    """The loss head as it was: a dense (A, V) ban matrix masked into the logits, then temperature,
+    top-k, top-p, log_softmax and a gather. The sparse head must give the very same numbers."""
+    logits = m.action_logits(batch).float()
+    ban = torch.zeros(logits.shape, dtype=torch.bool)
+    ban[:, m.config.n_vocab:] = True
+    ban[batch["ban_act"], batch["ban_tok"]] = True
+    logits = logits.masked_fill(ban, float("-inf"))
+    if T and T > 0:
+        logits = logits / T
+    if k and k < logits.shape[-1]:
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p < 1.0:
+        srt, order = torch.sort(logits, dim=-1, descending=True)
+        drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) > p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.log_softmax(logits, -1).gather(1, batch["tgt"].unsqueeze(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_sparse_loss_head_equals_the_dense_one(kind):
+    """The loss head writes only the banned entries (sparse bans, padding by a slice) and takes the
+    fused cross-entropy path when no top-k/top-p applies: log-probs and gradients equal the dense
+    computation's on random batches with bans, under temperature, top-k and top-p too."""
+    from model import sft_loss
+    rng = random.Random(3)
+    for T, k, p in [(1.0, 0, 1.0), (0.7, 0, 1.0), (0, 0, 1.0), (0.7, 12, 0.9), (1.3, 0, 0.8), (1.0, 5, 1.0)]:
+        m = tiny(kind)
+        traces = [random_trace(rng, n_max=30, p_bk=0.4) for _ in range(6)]
+        batch = collate([layout(t, BK, rng.choice(["keep", "rewind"]), max_backtracks=3) for t in traces])
+        assert batch["ban_act"].numel() > 0
+        with torch.no_grad():
+            want, got = dense_reference_logprobs(m, batch, T, k, p), action_logprobs(m, batch, T, k, p)
+        assert torch.equal(want, got), (T, k, p)
+    # gradients of the SFT loss, banned targets (log-prob -inf) carrying weight 0 as masked errors do
+    for policy in ["keep", "rewind"]:
+        m = tiny(kind)
+        batch = collate([layout(random_trace(rng, n_max=30, p_bk=0.4), BK, policy, max_backtracks=3)
+                         for _ in range(6)])
+        banned = torch.zeros(batch["tgt"].shape, dtype=torch.bool)
+        banned[batch["ban_act"][batch["ban_tok"] == batch["tgt"][batch["ban_act"]]]] = True
+        batch["weight"] = torch.where(banned, 0.0, batch["weight"])
+        grads = []
+        for head in ("dense", "sparse"):
+            m.zero_grad()
+            if head == "sparse":
+                loss = sft_loss(m, batch)
+            else:
+                lp, w = dense_reference_logprobs(m, batch, 1.0, 0, 1.0), batch["weight"]
+                loss = torch.where(w > 0, -lp * w, torch.zeros_like(lp)).sum() / w.sum()
+            loss.backward()
+            grads.append([x.grad.clone() for x in m.parameters()])
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_batch_one_decoding_follows_weight_updates():
+    """Decoding one row on CPU reads a transposed copy of each linear weight, kept on the model
+    (model.transposed_weights): after an in-place update, as an optimizer step makes, the copy is
+    remade, and the decoded logits still equal the full forward's."""
+    m = tiny()
+    prompt = [1, 2, 3]
+    for _ in range(2):
+        out = generate(m, [prompt], max_new_tokens=5, policy="keep", temperature=0, stop_at_eot=False,
+                       return_logits=True)
+        with torch.no_grad():
+            full = m(torch.tensor([prompt + out[0]["response"]]))[0, len(prompt) - 1:-1]
+        assert torch.allclose(torch.stack(out[0]["logits"]), full, atol=1e-5)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1.5)
