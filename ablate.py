@@ -52,6 +52,10 @@ VARIANTS = {
     "retry_keep_masked": ["--augment=retry", "--backtrack_ratio=1.0", "--curriculum=0:16", "--policy=keep", "--mask_errors=True"],
     "retry_rewind": ["--augment=retry", "--backtrack_ratio=1.0", "--curriculum=0:16", "--policy=rewind", "--mask_errors=True"],
     "retry_rewind_unmasked": ["--augment=retry", "--backtrack_ratio=1.0", "--curriculum=0:16", "--policy=rewind", "--mask_errors=False"],
+    "search_keep": ["--augment=search", "--backtrack_ratio=1.0", "--curriculum=0:64", "--policy=keep", "--mask_errors=False",
+                    "--retry_rate=1.0"],
+    "search_rewind": ["--augment=search", "--backtrack_ratio=1.0", "--curriculum=0:64", "--policy=rewind",
+                      "--mask_errors=False", "--retry_rate=1.0"],
     "retry_weak_keep": ["--augment=retry_weak", "--backtrack_ratio=1.0", "--curriculum=0:16", "--policy=keep", "--mask_errors=False"],
 }
 

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from data import as_rule, count_backtracks
 from hf import copy_tokenizer_files, declared_eos_ids, has_tokenizer_files, padded_vocab, read_json
-from model import GPT, GPTConfig, generate, init_bk_embedding, unwrap
+from decode import generate
+from model import GPT, GPTConfig, init_bk_embedding, unwrap
 from reward import deletion_stats
 from tasks import parse_answer, prompt_ids
 from tokenizer import get_tokenizer, hf_tokenizer_ids
@@ -465,7 +466,7 @@ def build_model(cfg, tok, device):
     """Returns (model, meta) for cfg.init_from; the tokenizer must match the checkpoint."""
     if cfg.init_from == "scratch":
         mc = GPTConfig(block_size=cfg.block_size, vocab_size=padded_vocab(tok.n_vocab), n_layer=cfg.n_layer,
-                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, tokenizer=cfg.tokenizer,
+                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, pos=cfg.pos, tokenizer=cfg.tokenizer,
                        n_vocab=tok.n_vocab, eot_id=tok.eot_id, bk_id=tok.bk_id)
         return GPT(mc), {}
     path = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from

@@ -16,7 +16,6 @@ hold in ids, and build_traces asserts it.
 """
 import difflib
 import math
-import random
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -106,7 +105,7 @@ def read_traces(path, n_vocab):
 def as_rule(rule):
     """The decoding rule a trace is laid out, sampled and scored under (docs/backtrack-semantics.md
     §3-4): dict(policy, slot_bans, max_retries), keyword arguments of both layout() and
-    model.generate(), so the two always apply the same bans. A bare policy name means the default
+    decode.generate(), so the two always apply the same bans. A bare policy name means the default
     knobs (slot bans on, no retry limit)."""
     if isinstance(rule, str):
         return dict(policy=rule, slot_bans=True, max_retries=None)
@@ -454,7 +453,7 @@ def lcs_trace(wrong_ids, right_ids, bk_id, max_divergences=None, max_backtracks=
     return out
 
 
-RETRY_KINDS = ("retry", "retry_weak")
+RETRY_KINDS = ("retry", "retry_weak", "search")
 
 
 def solution_lines_ids(tok, solution):
@@ -475,47 +474,58 @@ def inject_retry(tok, task, p, rng, kind="retry", retry_rate=0.5, max_backtracks
     alternative beginnings as text); each beginning is encoded on its own and inserted at a line
     boundary in ids, so resolve(trace) == clean holds exactly.
 
+    kind 'search' writes, before a chosen line, every failed attempt of a depth-first search
+    (task.search_path(p, line_index)), each undone in turn: the trace of a model that looks for
+    the next line by trying the variable its search stands on (our addition; see tasks.Deps).
+
     A wrong beginning never starts with the token the right line starts with (under `rewind` that
     token would be banned at its slot after the BKs, docs/backtrack-semantics.md §4). At most one
-    retry per line; when the coin flips choose no line, one line with candidates is chosen anyway,
-    so a retry trace always retries. max_backtracks caps the BKs (retries that no longer fit are
-    written shorter, or dropped; the budget goes to the chosen lines in random order).
+    retry (one search path) per line; when the coin flips choose no line, one line with candidates
+    is chosen anyway, so a retry trace always retries. max_backtracks caps the BKs (retries that no
+    longer fit are written shorter, or dropped; the budget goes to the chosen lines in random
+    order, for 'search' in line order).
     Returns the response ids (clean + end-of-text, with the retries), or None when the task offers
     no retry options, the solution's lines cannot be cut in ids, or no retry fits."""
-    options = getattr(task, "retry_options", None)
+    options = getattr(task, "search_path" if kind == "search" else "retry_options", None)
     if options is None or kind not in RETRY_KINDS:
         return None
     pieces = solution_lines_ids(tok, p["solution"])
     if pieces is None or not all(pieces):
         return None
     special = {tok.bk_id, tok.eot_id}
-    cands = []   # per line: candidates, each a list of alternative wrong beginnings in ids
+    cands = []   # per line: candidates, each a list of alternatives; an alternative is a list of attempts in ids
     for k, piece in enumerate(pieces):
         per = []
-        for alts in options(p, k, kind):
-            ids = [tok.encode(a) for a in alts]
-            ids = [x for x in ids if x and x[0] != piece[0] and not special & set(x)]
-            if ids:
-                per.append(ids)
+        if kind != "search":   # retry kinds: one attempt; the alternatives are its beginnings
+            groups = [[[a] for a in alts] for alts in options(p, k, kind)]
+        else:                  # search: one candidate, one alternative, the whole path of attempts
+            path = options(p, k)
+            groups = [[path]] if path else []
+        for alts in groups:
+            alts = [[tok.encode(a) for a in path] for path in alts]
+            alts = [path for path in alts if all(path) and path[0][0] != piece[0] and not special & set(sum(path, []))]
+            if alts:
+                per.append(alts)
         cands.append(per)
     eligible = [k for k, c in enumerate(cands) if c]
     if not eligible:
         return None
     chosen = [k for k in eligible if rng.random() < retry_rate] or [rng.choice(eligible)]
-    rng.shuffle(chosen)
+    if kind != "search":
+        rng.shuffle(chosen)
     budget = math.inf if max_backtracks is None else max_backtracks
     wrong = {}
     for k in chosen:
-        fits = [a for a in rng.choice(cands[k]) if len(a) <= budget]
+        fits = [path for path in rng.choice(cands[k]) if sum(map(len, path)) <= budget]
         if fits:
             wrong[k] = rng.choice(fits)
-            budget -= len(wrong[k])
+            budget -= sum(map(len, wrong[k]))
     if not wrong:
         return None
     out = []
     for k, piece in enumerate(pieces):
-        if k in wrong:
-            out += wrong[k] + [tok.bk_id] * len(wrong[k])
+        for attempt in wrong.get(k, ()):
+            out += attempt + [tok.bk_id] * len(attempt)
         out += piece
     return out + [tok.eot_id]
 

@@ -16,7 +16,7 @@ import torch
 
 from common import cli, configure, decoding_rule, load_model
 from data import count_backtracks
-from model import generate
+from decode import generate
 from tasks import get_task, parse_answer, prompt_ids
 
 DEFAULT_CKPT = "out/sft"   # what the README's main run (python train_sft.py) writes

@@ -60,7 +60,8 @@ import torch
 
 from common import cli, configure, decoding_rule, load_model, parse_kwargs
 from data import Trace, as_rule, completion_batch, resolve
-from model import completion_logprobs, generate
+from decode import generate
+from model import completion_logprobs
 from tasks import checkpoint_task, prompt_ids
 
 

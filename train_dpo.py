@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eval_and_log, finish, freeze_all_but_bk, load_stage_model,
                     lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
-from data import Trace, as_rule, collate, completion_batch, layout
+from data import Trace, as_rule, completion_batch, layout
 from model import completion_logprobs
 from tasks import checkpoint_task, read_jsonl
 

@@ -7,7 +7,7 @@ GRPO on top of an SFT checkpoint: the second stage, which teaches *when* to back
     torchrun --standalone --nproc_per_node=2 train_grpo.py
 
 Each step draws P prompts (a pure function of seed and step) and samples G completions of each as
-ONE batch through model.generate, with the checkpoint's context policy (under `rewind` every row
+ONE batch through decode.generate, with the checkpoint's context policy (under `rewind` every row
 rewinds its own cache in place). Each completion is scored on its resolved text (reward.py), the
 rewards are turned into group-relative advantages, and the policy gradient runs on the log-probs
 of the sampled actions recomputed by one training forward over data.layout of each trace, at the
@@ -23,7 +23,6 @@ Token loss: -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * KL_k3, 
 r = pi / pi_old; r == 1 unless a batch is reused for several passes (num_iterations > 1).
 """
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ import torch
 from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eval_and_log, finish, freeze_all_but_bk, load_stage_model, lr_at,
                     make_optimizer, parse_kwargs, progress_bar, reduce_dict, restore, save_checkpoint, start_run, wrap)
 from data import Trace, as_rule, collate, layout
-from model import GPT, action_logprobs, generate, unwrap
+from decode import generate
+from model import GPT, action_logprobs, unwrap
 from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
 from tasks import checkpoint_task, prompt_ids
 

@@ -16,7 +16,6 @@ loss unless --mask_errors=False.
 `--max_tokens=N` sets max_iters so that the run trains on about N tokens (backtrack traces are
 longer than clean ones: equal-token comparisons such as ablate.py's use it).
 """
-import os
 import random
 import sys
 import time
@@ -46,7 +45,7 @@ class Config:
     max_retries: int = -1            # per-slot retry limit: BK is banned on a slot backtracked this often; -1 = none
     mask_errors: bool = True         # no loss on predicting an error token
     backtrack_ratio: float = 0.5     # share of traces that contain errors and backtracks
-    augment: str = "plausible"       # plausible | random | lcs | mixed | retry | retry_weak (see data.build_traces)
+    augment: str = "plausible"       # plausible | random | lcs | mixed | retry | retry_weak | search (data.build_traces)
     retry_rate: float = 0.5          # retry augmentations: chance of an undone false start before each line
     curriculum: str = "0:1,0.3:2,0.6:3"  # progress:max_backtracks phases
     n_train: int = 50000             # size of the training problem pool
@@ -58,6 +57,7 @@ class Config:
     n_head: int = 4
     n_embd: int = 192
     block_size: int = 128
+    pos: str = "learned"             # learned | rope (rotary: positions past the training lengths still mean something)
     dropout: float = 0.0
     bk_init: str = "description"     # mean | semantic | description (for pretrained models)
     # optimisation

@@ -5,10 +5,11 @@ import math
 import pytest
 
 import bench
+import speed
 
 
 def tiny(**kw):
-    return bench.GPTConfig(**dict(dict(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=320), **kw))
+    return speed.GPTConfig(**dict(dict(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=320), **kw))
 
 
 def check(figures):
@@ -19,61 +20,61 @@ def check(figures):
 
 
 def test_decode():
-    model = bench.make_model(tiny())
-    check(bench.bench_decode(model, 8, plen=4, reps=1))
+    model = speed.make_model(tiny())
+    check(speed.bench_decode(model, 8, plen=4, reps=1))
 
 
 def test_rewind():
-    r = bench.bench_rewind(tiny(pos="rope", block_size=129), lengths=(8, 128), n=64)
+    r = speed.bench_rewind(tiny(pos="rope", block_size=129), lengths=(8, 128), n=64)
     assert r["in_place"]
     check(r)
 
 
 def test_batched():
-    model = bench.make_model(tiny())
-    r = bench.bench_batched(model, rows=2, max_new_tokens=10, plen=4, reps=1)
+    model = speed.make_model(tiny())
+    r = speed.bench_batched(model, rows=2, max_new_tokens=10, plen=4, reps=1)
     assert 0 < r["forced_bk_frac"] < 1
     check(r)
 
 
 def test_train():
-    model = bench.make_model(tiny())
-    peak = bench.matmul_peak(128, iters=2)
-    r = bench.bench_train(model, batch=2, length=24, iters=1, p=0.5, peak=peak)
+    model = speed.make_model(tiny())
+    peak = speed.matmul_peak(128, iters=2)
+    r = speed.bench_train(model, batch=2, length=24, iters=1, p=0.5, peak=peak)
     assert r["keep_T"] == 24 and not r["keep_masked"] and r["rewind_masked"]
     check(r)
 
 
 def test_batched_forced_replays_against_plain_decoding():
-    model = bench.make_model(tiny())
-    r = bench.bench_batched(model, rows=2, max_new_tokens=12, plen=4, p=0.3, reps=1)
+    model = speed.make_model(tiny())
+    r = speed.bench_batched(model, rows=2, max_new_tokens=12, plen=4, p=0.3, reps=1)
     assert r["forced_plain_tps"] > 0 and r["forced_rewind_tps"] > 0
 
 
 def test_vs_hugging_face():
     pytest.importorskip("transformers")
     for rows in (1, 3):
-        r = bench.bench_vs_hf(tiny(n_embd=64), rows, 6, plen=4, reps=1)
+        r = speed.bench_vs_hf(tiny(n_embd=64), rows, 6, plen=4, reps=1)
         assert r["same_tokens"]
         check(r)
 
 
 def test_rollout_bookkeeping_share():
-    model = bench.make_model(tiny())
-    r = bench.bench_rollout(model, rows=4, new_tokens=6, plen=4, reps=1)
+    model = speed.make_model(tiny())
+    r = speed.bench_rollout(model, rows=4, new_tokens=6, plen=4, reps=1)
     assert 0 < r["bookkeeping"] < r["overhead"] < 1 and 0 < r["sampler"] and 0 <= r["setup"] < 1
     assert r["model_us"] < r["step_us"]
     assert "hidden" not in vars(model) and "forward" not in vars(model.lm_head)   # the timers are gone
-    import model as modellib
-    assert modellib.sample.__name__ == "sample" and modellib.shape_logits.__name__ == "shape_logits"
+    import decode
+    assert decode.sample.__name__ == "sample" and decode.shape_logits.__name__ == "shape_logits"
 
 
 def test_loss_head():
-    check(bench.bench_loss_head(n_actions=16, n_embd=16, vocab_size=320, n_vocab=258, reps=1))
+    check(speed.bench_loss_head(n_actions=16, n_embd=16, vocab_size=320, n_vocab=258, reps=1))
 
 
 def test_sft_data_share():
-    r = bench.bench_sft_data(steps=2)
+    r = speed.bench_sft_data(steps=2)
     check({k: v for k, v in r.items() if k not in ("wait_ms", "wait_share")})
     assert r["wait_share"] >= 0
 
@@ -82,7 +83,7 @@ def test_large_model_path_runs_on_cpu_at_a_tiny_size():
     # the CUDA-only section's code path, on a tiny Llama-shaped model
     cfg = tiny(n_head=4, n_kv_head=2, bias=False, qkv_bias=True, norm="rmsnorm", mlp="swiglu", pos="rope",
                vocab_size=320, n_vocab=258, eot_id=256, bk_id=257)
-    r = bench.bench_large(cfg, "cpu", bench.torch.float32, batch=2, length=16, rows=2, new_tokens=4, iters=1,
+    r = speed.bench_large(cfg, "cpu", speed.torch.float32, batch=2, length=16, rows=2, new_tokens=4, iters=1,
                           peak=1e9)
     check(r)
 
@@ -93,13 +94,13 @@ def test_random_response_is_a_valid_rewind_trace():
     from data import layout
     rng = random.Random(0)
     for _ in range(50):
-        resp = bench.random_response(40, 257, 5, 0.4, rng)  # 5 ordinary ids: collisions are likely
-        L = layout(bench.Trace(prompt=[1], response=resp), 257, "rewind")
+        resp = speed.random_response(40, 257, 5, 0.4, rng)  # 5 ordinary ids: collisions are likely
+        L = layout(speed.Trace(prompt=[1], response=resp), 257, "rewind")
         assert all(t not in bans for t, bans in zip(L["tgt"], L["bans"]))
 
 
 def test_configure():
-    cfg = bench.Config()
+    cfg = speed.Config()
     bench.configure(cfg, ["--quick=True", "--device=cpu", "--rewind_lengths=[8, 16]", "--p_bk=0"])
     assert cfg.quick is True and cfg.device == "cpu"
     assert cfg.rewind_lengths == (8, 16) and cfg.p_bk == 0

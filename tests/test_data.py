@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import data
+import gsm8k
 import tasks
 import tokenizer
 from data import BK, ERROR, FINAL, resolve, roles
@@ -216,7 +217,7 @@ def test_build_traces_uses_given_wrong_solutions(byte_tok):
 
 
 def test_lcs_on_real_model_solutions(gpt2_tok):
-    pairs = tasks.example_solution_pairs(EXAMPLES)
+    pairs = gsm8k.example_solution_pairs(EXAMPLES)
     assert len(pairs) > 3000
     bk = gpt2_tok.bk_id
     for q, wrong, right in pairs[:150]:
@@ -450,8 +451,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 def test_gsm8k_train_never_holds_test_questions(tmp_path):
     real = tasks.get_task("gsm8k")
     train = real.problems("train")
-    test_q = {tasks.normalize_question(p["question"]) for p in real.problems("test")}
-    assert not any(tasks.normalize_question(p["question"]) in test_q for p in train)
+    test_q = {gsm8k.normalize_question(p["question"]) for p in real.problems("test")}
+    assert not any(gsm8k.normalize_question(p["question"]) in test_q for p in train)
     # a leaked test question (with different spacing and case) is dropped from the training split
     rows = [r for _, r in tasks.read_jsonl(os.path.join(GSM8K_DIR, "test.jsonl.gz"))][:3]
     leak = dict(rows[1], question="  " + rows[1]["question"].upper().replace(" ", "  "))

@@ -156,7 +156,7 @@ def test_slip_is_wrong_and_well_formed(tp, seed):
 
 
 @FAST
-@given(deps_problems(), st.sampled_from(data.RETRY_KINDS))
+@given(deps_problems(), st.sampled_from(["retry", "retry_weak"]))
 def test_retry_options_are_what_they_say(tp, kind):
     task, p = tp
     order = p["order"]
@@ -169,6 +169,27 @@ def test_retry_options_are_what_they_say(tp, kind):
                 assert not all(x in done for x in inputs(p, v))
             else:
                 assert v in order[k + 1:]
+
+
+
+@FAST
+@given(deps_problems())
+def test_search_path_is_a_depth_first_search(tp):
+    """Read in order, a search trace's attempts and lines are a depth-first search that only ever
+    looks one definition ahead: every attempt is the variable the search stands on, with an input
+    not yet computed, and the next attempt (or line) is that input; a line is written once all its
+    inputs are, and the lines are the clean order. Nothing is attempted before the answer line."""
+    task, p = tp
+    done, stack = set(), [p["query"]]
+    for k, v in enumerate(p["order"]):
+        for a in task.search_path(p, k):
+            u, d = a.split("=", 1)
+            missing = [x for x in inputs(p, u) if x not in done]
+            assert u == stack[-1] and d == p["defs"][u] and missing
+            stack.append(missing[0])
+        assert stack.pop() == v and all(x in done for x in inputs(p, v))
+        done.add(v)
+    assert not stack and task.search_path(p, len(p["order"])) == []
 
 # -----------------------------------------------------------------------------
 # retry augmentations
@@ -203,8 +224,12 @@ def test_retry_traces_resolve_and_take_no_banned_action(tp, kind, tokname, cap, 
     tok = TOKS[tokname]
     clean = tok.encode(p["solution"]) + [tok.eot_id]
     out = data.inject_retry(tok, task, p, random.Random(seed), kind, retry_rate=1.0, max_backtracks=cap)
-    starts = [len(tok.encode(a)) for k in range(len(p["order"]) + 1)
-              for alts in task.retry_options(p, k, kind) for a in alts]
+    if kind == "search":   # a whole path of attempts goes in, or nothing
+        starts = [sum(len(tok.encode(a)) for a in task.search_path(p, k)) for k in range(len(p["order"]) + 1)
+                  if task.search_path(p, k)]
+    else:
+        starts = [len(tok.encode(a)) for k in range(len(p["order"]) + 1)
+                  for alts in task.retry_options(p, k, kind) for a in alts]
     if out is None:   # nothing to retry (e.g. one constant to compute), or nothing fits the cap
         assert not starts or cap is not None and cap < min(starts)
         return
@@ -220,14 +245,19 @@ def test_retry_traces_resolve_and_take_no_banned_action(tp, kind, tokname, cap, 
         assert before == "" or before.endswith("\n")
         k = before.count("\n")
         v, done = wrong[0], set(order[:k])
-        assert wrong in (f"{v}=", f"{v}={p['defs'][v]}=") and v not in done
-        if kind == "retry":
+        if kind == "search":   # a whole attempt: 'v=def', v with an input not computed yet
+            assert wrong == f"{v}={p['defs'][v]}" and v not in done
+        else:
+            assert wrong in (f"{v}=", f"{v}={p['defs'][v]}=") and v not in done
+        if kind in ("retry", "search"):
             assert not all(x in done for x in inputs(p, v))
         else:
             assert v in order[k + 1:]
     if cap is None and kind == "retry":   # rate 1.0: every line that has a candidate gets a retry
         eligible = sum(1 for k in range(len(order) + 1) if task.retry_options(p, k, kind))
         assert len(retries_of(tok, out)) == eligible
+    if cap is None and kind == "search":   # rate 1.0: every attempt of the search is written
+        assert [w for _, w in retries_of(tok, out)] == [a for k in range(len(order) + 1) for a in task.search_path(p, k)]
 
 
 @pytest.mark.parametrize("tokname", sorted(TOKS))

@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import load_model
 from conftest import FIXTURES, ROOT
 from data import Trace, collate, layout, resolve
-from model import GPT, KVCache, generate
+from decode import generate
+from model import GPT, KVCache
 from tokenizer import (BK_TEXT, GPT2_PAT, GPT2_RANKS, LLAMA3_PAT, LLAMA3_SPECIALS, QWEN2_PAT, bytes_to_unicode,
                        get_tokenizer, load_ranks)
 

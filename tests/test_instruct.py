@@ -26,7 +26,8 @@ import torch
 from conftest import FIXTURES
 from common import build_model, evaluate, load_model, save_checkpoint
 from hf import bytes_to_unicode
-from model import GPT, GPTConfig, generate
+from decode import generate
+from model import GPT, GPTConfig
 from tasks import get_task, prompt_ids
 from tokenizer import BK_TEXT, GPT2_RANKS, LLAMA3_PAT, LLAMA3_SPECIALS, QWEN2_PAT, get_tokenizer, load_ranks
 

@@ -10,7 +10,8 @@ import torch
 from conftest import FIXTURES
 from data import Trace, collate, layout, resolve
 from tokenizer import Tokenizer
-from model import GPT, GPTConfig, KVCache, action_logprobs, generate, init_bk_embedding
+from decode import generate
+from model import GPT, GPTConfig, KVCache, action_logprobs, init_bk_embedding
 
 V, EOT, BK = 50, 48, 49
 
@@ -281,7 +282,7 @@ def test_sampler_never_picks_zero_probability_tokens():
     lp = torch.log_softmax(torch.randn(64, 50), -1)
     lp[:, ::2] = float("-inf")
     lp = torch.log_softmax(lp, -1)
-    from model import sample
+    from decode import sample
     draws = torch.stack([sample(lp, g) for _ in range(200)])
     assert (draws % 2 == 1).all()
     # frequencies follow the distribution (one row, many draws)
@@ -366,7 +367,7 @@ def test_sparse_loss_head_equals_the_dense_one(kind):
 
 def test_batch_one_decoding_follows_weight_updates():
     """Decoding one row on CPU reads a transposed copy of each linear weight, kept on the model
-    (model.transposed_weights): after an in-place update, as an optimizer step makes, the copy is
+    (decode.transposed_weights): after an in-place update, as an optimizer step makes, the copy is
     remade, and the decoded logits still equal the full forward's."""
     m = tiny()
     prompt = [1, 2, 3]
