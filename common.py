@@ -20,7 +20,7 @@ from dataclasses import asdict, fields
 import torch
 from tqdm import tqdm
 
-from data import as_rule, count_backtracks
+from data import AUGMENTS, as_rule, count_backtracks
 from hf import copy_tokenizer_files, declared_eos_ids, has_tokenizer_files, padded_vocab, read_json
 from decode import generate
 from model import GPT, GPTConfig, init_bk_embedding, unwrap
@@ -180,8 +180,7 @@ def check_config(cfg):
     for k in ("eval_interval", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip", "beta", "stop_at",
               "max_tokens", "evals", "sft_weight", "temperature", "eval_temperature", "top_k", "max_new_tokens"):
         need(lambda v: v >= 0, k, "must be >= 0")
-    need(lambda v: v in ("plausible", "random", "lcs", "mixed", "retry", "retry_weak"), "augment",
-         "expected plausible, random, lcs, mixed, retry or retry_weak")
+    need(lambda v: v in AUGMENTS + ("mixed",), "augment", f"expected one of {', '.join(AUGMENTS)} or mixed")
     for k in ("backtrack_ratio", "traces_ratio", "dropout", "retry_rate"):
         need(lambda v: 0 <= v <= 1, k, "must be between 0 and 1")
     need(lambda v: 0 < v <= 1, "top_p", "must be in (0, 1]")
