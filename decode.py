@@ -88,6 +88,7 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         forced, force_len = forced.to(device), torch.tensor([len(f) for f in force], device=device)
     stops = torch.tensor(list(stop_ids) if stop_ids is not None else [cfg.eot_id] if stop_at_eot else [],
                          dtype=torch.long, device=device)
+    stop = int(stops[0]) if len(stops) == 1 else None   # one stop id: compared as a Python int
     plen = torch.tensor([len(p) for p in prompts], device=device)
     Tp = int(plen.max())
     max_len = Tp + max_new_tokens + 1
@@ -113,7 +114,7 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     rows = torch.arange(B, device=device)
     stack = torch.zeros(B, D, dtype=torch.long, device=device)       # surviving response tokens, by depth
     depth = torch.zeros(B, dtype=torch.long, device=device)          # how many survive
-    n_bk = torch.zeros(B, dtype=torch.long, device=device)
+    bk_left = torch.full((B,), max_backtracks if max_backtracks is not None else 0, dtype=torch.long, device=device)
     # depth -> tokens deleted there since the token below it was written: the retry count (§4),
     # and under `rewind` the slot of ban_tok the next ban there goes to
     deleted = torch.zeros(B, D, dtype=torch.long, device=device)
@@ -136,9 +137,8 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         real.copy_(logits[:, :NV])
         if slot_banning:
             banned.scatter_(1, ban_tok[rows, depth], float("-inf"))
-        no_bk = depth == 0
-        if max_backtracks is not None:
-            no_bk |= n_bk >= max_backtracks
+        # BK is banned at depth 0 and once max_backtracks are spent: min(depth, BKs left) <= 0
+        no_bk = (depth == 0) if max_backtracks is None else torch.minimum(depth, bk_left) <= 0
         if max_retries is not None:
             no_bk |= (depth > 0) & (deleted[rows, (depth - 1).clamp(min=0)] >= max_retries)
         bk_col.masked_fill_(no_bk, float("-inf"))
@@ -157,11 +157,12 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         else:
             nxt = lp.argmax(-1)
         live = ~done
-        actions.append(nxt); logprobs.append(lp[rows, nxt]); alive.append(live)
+        actions.append(nxt); logprobs.append(lp.gather(1, nxt.unsqueeze(1)).squeeze(1)); alive.append(live)
         if return_logits:
             kept_logits.append(logits)
         is_bk = live & (nxt == bk)
-        pop = is_bk & (depth > 0)
+        # a sampled or greedy BK at depth 0 has probability 0 (banned above); only a forced one can
+        pop = is_bk & (depth > 0) if force is not None else is_bk
         push = live ^ is_bk   # live and not BK
         if on_step is not None:   # streaming reads each row's action: one sync, only when asked
             gone = stack[rows, (depth - 1).clamp(min=0)]
@@ -177,10 +178,11 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
             deleted[rows, above] = 0
             if slot_banning:
                 ban_tok[rows, above] = V
-                ban_tok[rows, at, deleted[rows, at].clamp(max=K - 1)] = stack[rows, d]
+                n_del = deleted[rows, at]   # < K unless a forced replay ignored the caps
+                ban_tok[rows, at, n_del if force is None else n_del.clamp(max=K - 1)] = stack[rows, d]
             deleted.index_put_((rows, at), popped, accumulate=True)
         if max_backtracks is not None:
-            n_bk += is_bk
+            bk_left -= is_bk.long()
         stack[rows, torch.where(push, depth, D - 1)] = nxt
         depth = d + push
         write = push if policy == "rewind" else live
@@ -189,11 +191,11 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         if force is not None:
             ended = step + 1 >= force_len
         else:
-            ended = nxt == stops[0] if len(stops) == 1 else torch.isin(nxt, stops)
+            ended = nxt == stop if stop is not None else torch.isin(nxt, stops)
         if capped:
             ended = ended | (cache.lengths + write >= max_len)
         done = done | ended   # (a row already done stays so, whatever its discarded action)
-        write = write & ~ended
+        write = write > ended   # write and not ended, in one op
         if not bool(write.any()):   # one host read per step
             if bool(done.all()):
                 break
