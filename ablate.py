@@ -20,6 +20,9 @@ generated tokens, and pass@k (an oracle picks any right sample) an upper bound. 
                      trace: errors visible, trained on (unmasked)
     retry_keep_masked, retry_rewind, retry_rewind_unmasked: the same with masking / the `rewind` layout
     retry_weak_keep  retry_weak data (a line from later in the solution, undone), errors visible
+    search_keep      deps search data (every undone attempt of a depth-first search from the query, at
+                     every line: --augment=search --retry_rate=1), errors visible and trained on
+    search_rewind    the same under `rewind`: the attempts leave the context once undone
     <v>+grpo       the SFT model of <v>, then GRPO (--grpo_iters steps)
     <v>+self       the SFT model of <v>, then a second SFT round (--stage_iters steps) with half of
                    each batch drawn from its own errors (self_errors.py)

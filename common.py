@@ -4,7 +4,7 @@ What every script shares: one config system (a dataclass with --key=value overri
 tokenizer, the held-out evaluation, and one clean way to fail on bad input.
 
 Stage scripts (train_sft.py, train_grpo.py, train_dpo.py, self_errors.py, ...) import this and the
-library modules (model, data, tasks, tokenizer, reward), never each other.
+library modules (hf, tokenizer, tasks, data, model, decode, reward), never each other.
 """
 import ast
 import contextlib

@@ -105,7 +105,7 @@ def apply_rope(x, cos, sin):
 
 def linear(m, x, cache=None):
     """m(x) for an nn.Linear m; in small-batch CPU decoding, with the copy of its weight stored
-    transposed that the cache carries (KVCache.wt, made by transposed_weights)."""
+    transposed that the cache carries (KVCache.wt, made by decode.transposed_weights)."""
     w = cache.wt.get(m) if cache is not None and cache.wt is not None else None
     return m(x) if w is None else F.linear(x, w, m.bias)
 
@@ -211,7 +211,7 @@ class KVCache:
         self.rows = torch.arange(batch_size, device=device).unsqueeze(1)
         self.layers = [(self.k[i], self.v[i]) for i in range(cfg.n_layer)]
         self.slots = torch.arange(max_len, device=device)
-        self.wt = None    # {nn.Linear: weight stored transposed} for small-batch CPU decoding (transposed_weights)
+        self.wt = None    # {nn.Linear: weight stored transposed} for small-batch CPU decoding (decode.transposed_weights)
         self.rope = None
         if cfg.pos == "rope":   # cos/sin of every slot, computed as GPT.hidden does, so a step only gathers
             f = self.slots.unsqueeze(-1).float() * rope_inv_freq(cfg).to(device)

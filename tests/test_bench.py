@@ -1,15 +1,21 @@
-"""Smoke test of bench.py: every figure comes out finite and positive on a tiny model.
+"""Smoke test of bench.py and its measurements (speed.py): every figure comes out finite and positive on a tiny model.
 Speed is never asserted here; the targets are printed by bench.py itself."""
 import math
 
+import json
+
 import pytest
+import torch
 
 import bench
 import speed
+from common import configure
+from data import Trace
+from model import GPTConfig
 
 
 def tiny(**kw):
-    return speed.GPTConfig(**dict(dict(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=320), **kw))
+    return GPTConfig(**dict(dict(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=320), **kw))
 
 
 def check(figures):
@@ -83,7 +89,7 @@ def test_large_model_path_runs_on_cpu_at_a_tiny_size():
     # the CUDA-only section's code path, on a tiny Llama-shaped model
     cfg = tiny(n_head=4, n_kv_head=2, bias=False, qkv_bias=True, norm="rmsnorm", mlp="swiglu", pos="rope",
                vocab_size=320, n_vocab=258, eot_id=256, bk_id=257)
-    r = speed.bench_large(cfg, "cpu", speed.torch.float32, batch=2, length=16, rows=2, new_tokens=4, iters=1,
+    r = speed.bench_large(cfg, "cpu", torch.float32, batch=2, length=16, rows=2, new_tokens=4, iters=1,
                           peak=1e9)
     check(r)
 
@@ -95,16 +101,25 @@ def test_random_response_is_a_valid_rewind_trace():
     rng = random.Random(0)
     for _ in range(50):
         resp = speed.random_response(40, 257, 5, 0.4, rng)  # 5 ordinary ids: collisions are likely
-        L = layout(speed.Trace(prompt=[1], response=resp), 257, "rewind")
+        L = layout(Trace(prompt=[1], response=resp), 257, "rewind")
         assert all(t not in bans for t, bans in zip(L["tgt"], L["bans"]))
 
 
 def test_configure():
     cfg = speed.Config()
-    bench.configure(cfg, ["--quick=True", "--device=cpu", "--rewind_lengths=[8, 16]", "--p_bk=0"])
+    configure(cfg, ["--quick=True", "--device=cpu", "--rewind_lengths=[8, 16]", "--p_bk=0"])
     assert cfg.quick is True and cfg.device == "cpu"
     assert cfg.rewind_lengths == (8, 16) and cfg.p_bk == 0
     with pytest.raises(SystemExit):
-        bench.configure(cfg, ["--no_such_key=1"])
+        configure(cfg, ["--no_such_key=1"])
     with pytest.raises(SystemExit):
-        bench.configure(cfg, ["--quick=maybe"])
+        configure(cfg, ["--quick=maybe"])
+
+
+def test_report(tmp_path):
+    """bench.py's own run: the sections asked for, each figure recorded with its target, as JSON."""
+    out = tmp_path / "bench.json"
+    bench.main(["--quick=True", "--sections=decode,rollout", "--gpt2_small=False", "--reps=1", f"--out={out}"])
+    figures = json.loads(out.read_text())["figures"]
+    assert {f["section"] for f in figures} == {"decode", "rollout", "memory"}
+    assert any(f["target"] == "<= 3%" and f["status"] in ("met", "MISSED") for f in figures)
