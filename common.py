@@ -599,10 +599,19 @@ def summarize(records):
     )
 
 
+def greedy_decodable(rule):
+    """Whether greedy decoding is defined under a decoding rule: under `rewind` a rewound state
+    equals an earlier one, so greedy needs slot bans or a retry limit (docs/backtrack-semantics.md §4).
+    Without them only sampling is evaluated (a backtrack is then a resample)."""
+    return rule.get("policy") != "rewind" or rule.get("slot_bans", True) or rule.get("max_retries") is not None
+
+
 def held_out_eval(model, tok, task, problems, rule, temperature, max_new_tokens, seed, max_backtracks=None):
-    """Greedy and sampled (at `temperature`) metrics, flattened for a JSONL line: eval/greedy/*, eval/t1/*."""
+    """Greedy and sampled (at `temperature`) metrics, flattened for a JSONL line: eval/greedy/*, eval/t1/*.
+    Greedy (and a temperature of 0) is skipped where the rule leaves it undefined (greedy_decodable)."""
     res = {}
-    for label, T in (("greedy", 0.0), ("t1", temperature)):
+    passes = [("greedy", 0.0), ("t1", temperature)]
+    for label, T in passes if greedy_decodable(rule) else [p for p in passes if p[1] > 0]:
         m, _ = evaluate(model, tok, task, problems, rule, T, max_new_tokens=max_new_tokens,
                         max_backtracks=max_backtracks, seed=seed)
         res.update({f"eval/{label}/{k}": v for k, v in m.items() if k != "n"})
@@ -623,9 +632,10 @@ def eval_and_log(step, model, tok, task, problems, rule, cfg, log, max_new_token
             model.reshard()
     log(step=step, **res)
     if int(os.environ.get("RANK", 0)) == 0:
-        tqdm.write(f"step {step}: held-out acc greedy {res['eval/greedy/acc']:.3f} | T={cfg.eval_temperature} "
-                   f"{res['eval/t1/acc']:.3f} | bk/sample greedy {res['eval/greedy/bk_per_sample']:.2f} "
-                   f"T={cfg.eval_temperature} {res['eval/t1/bk_per_sample']:.2f}")
+        get = lambda k: res.get(k, float("nan"))   # nan: a pass the rule does not define (greedy_decodable)
+        tqdm.write(f"step {step}: held-out acc greedy {get('eval/greedy/acc'):.3f} | T={cfg.eval_temperature} "
+                   f"{get('eval/t1/acc'):.3f} | bk/sample greedy {get('eval/greedy/bk_per_sample'):.2f} "
+                   f"T={cfg.eval_temperature} {get('eval/t1/bk_per_sample'):.2f}")
     return res
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from common import cli, configure, decoding_rule, evaluate, load_model, parse_kwargs
+from common import cli, configure, decoding_rule, evaluate, greedy_decodable, load_model, parse_kwargs
 from tasks import checkpoint_task
 
 
@@ -73,7 +73,13 @@ def main(argv=None):
     max_new_tokens = cfg.max_new_tokens or meta.get("max_new_tokens", 128)
     cap = None if cfg.max_backtracks < 0 else cfg.max_backtracks
     result = {}
-    for label, T in (("greedy", 0.0), (f"T={cfg.temperature}", cfg.temperature)):
+    passes = [("greedy", 0.0), (f"T={cfg.temperature}", cfg.temperature)]
+    if not greedy_decodable(rule):   # rewind without slot bans or a retry limit: sampling only
+        passes = [p for p in passes if p[1] > 0]
+        print(f"greedy skipped: {rule} leaves greedy decoding undefined (docs/backtrack-semantics.md §4)")
+        if not passes:
+            raise ValueError(f"--temperature=0 with {rule}: greedy rewind decoding needs slot bans or a retry limit")
+    for label, T in passes:
         m, _ = evaluate(model, tok, task, problems, rule, T, max_new_tokens=max_new_tokens, max_backtracks=cap,
                         seed=cfg.seed, progress=True)
         result[label] = m

@@ -157,6 +157,28 @@ def test_evaluate_bad_arguments_keep_the_old_results(ckpt):
     assert folder_hash(ckpt) == before
 
 
+def test_evaluate_without_slot_bans_samples_only(ckpt, tmp_path):
+    """Under `rewind` without slot bans or a retry limit greedy decoding is undefined (docs §4):
+    evaluate.py then reports the sampled pass alone, and refuses --temperature=0 in one line."""
+    out = tmp_path / "nobans.json"
+    p = run("evaluate.py", f"--ckpt={ckpt}", "--n=4", "--slot_bans=off", f"--out={out}")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    assert "greedy" not in res and "T=1.0" in res and res["slot_bans"] is False
+    assert_one_line_error(run("evaluate.py", f"--ckpt={ckpt}", "--n=4", "--slot_bans=off", "--temperature=0",
+                              f"--out={out}"), "--temperature=0")
+    # the training stages' periodic evaluation does the same (train_grpo.py --slot_bans=off)
+    from common import held_out_eval, load_model
+    from tasks import get_task
+    model, tok = load_model(ckpt)
+    task = get_task("arith")
+    rule = dict(policy="rewind", slot_bans=False, max_retries=None)
+    res = held_out_eval(model, tok, task, task.problems("test", n=2), rule, 1.0, 8, seed=0)
+    assert "eval/t1/acc" in res and not any(k.startswith("eval/greedy") for k in res)
+    assert "eval/greedy/acc" in held_out_eval(model, tok, task, task.problems("test", n=2), dict(rule, max_retries=1),
+                                              1.0, 8, seed=0)
+
+
 # -----------------------------------------------------------------------------
 # resume and interrupts
 
