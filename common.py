@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data import AUGMENTS, as_rule, count_backtracks
 from hf import copy_tokenizer_files, declared_eos_ids, has_tokenizer_files, padded_vocab, read_json
-from decode import generate
+from decode import generate, greedy_decodable
 from model import GPT, GPTConfig, init_bk_embedding, unwrap
 from reward import deletion_stats
 from tasks import parse_answer, prompt_ids
@@ -599,19 +599,12 @@ def summarize(records):
     )
 
 
-def greedy_decodable(rule):
-    """Whether greedy decoding is defined under a decoding rule: under `rewind` a rewound state
-    equals an earlier one, so greedy needs slot bans or a retry limit (docs/backtrack-semantics.md §4).
-    Without them only sampling is evaluated (a backtrack is then a resample)."""
-    return rule.get("policy") != "rewind" or rule.get("slot_bans", True) or rule.get("max_retries") is not None
-
-
 def held_out_eval(model, tok, task, problems, rule, temperature, max_new_tokens, seed, max_backtracks=None):
     """Greedy and sampled (at `temperature`) metrics, flattened for a JSONL line: eval/greedy/*, eval/t1/*.
     Greedy (and a temperature of 0) is skipped where the rule leaves it undefined (greedy_decodable)."""
     res = {}
     passes = [("greedy", 0.0), ("t1", temperature)]
-    for label, T in passes if greedy_decodable(rule) else [p for p in passes if p[1] > 0]:
+    for label, T in passes if greedy_decodable(**as_rule(rule)) else [p for p in passes if p[1] > 0]:
         m, _ = evaluate(model, tok, task, problems, rule, T, max_new_tokens=max_new_tokens,
                         max_backtracks=max_backtracks, seed=seed)
         res.update({f"eval/{label}/{k}": v for k, v in m.items() if k != "n"})

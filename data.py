@@ -499,8 +499,8 @@ def inject_retry(tok, task, p, rng, kind="retry", retry_rate=0.5, max_backtracks
         if kind != "search":   # retry kinds: one attempt; the alternatives are its beginnings
             groups = [[[a] for a in alts] for alts in options(p, k, kind)]
         else:                  # search: one candidate, one alternative, the whole path of attempts
-            path = options(p, k)
-            groups = [[path]] if path else []
+            attempts = options(p, k)
+            groups = [[attempts]] if attempts else []
         for alts in groups:
             alts = [[tok.encode(a) for a in path] for path in alts]
             alts = [path for path in alts if all(path) and path[0][0] != piece[0] and not special & set(sum(path, []))]

@@ -18,8 +18,6 @@ def sample(logprobs, gen):
     return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
-
-
 def transposed_weights(model, rows):
     """{nn.Linear: its weight, as a view of a copy stored transposed}, for decoding `rows` <= 16
     rows on CPU, where each linear is a matrix-vector product or nearly.
@@ -46,6 +44,14 @@ def transposed_weights(model, rows):
     return out
 
 
+def greedy_decodable(policy="rewind", slot_bans=True, max_retries=None):
+    """Whether greedy decoding is defined under a decoding rule (data.as_rule's keys): under `rewind`
+    a rewound state equals an earlier one, so greedy would loop without slot bans or a retry limit
+    (docs/backtrack-semantics.md §4). Without them only sampling is defined (a backtrack is then a
+    resample)."""
+    return policy != "rewind" or slot_bans or max_retries is not None
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.0, top_k=0, top_p=1.0,
              max_backtracks=None, seed=None, stop_at_eot=True, on_step=None, force=None, return_logits=False,
@@ -69,8 +75,7 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     """
     if policy not in ("keep", "rewind"):
         raise ValueError(f"unknown policy {policy!r}: expected 'keep' or 'rewind'")
-    if policy == "rewind" and not slot_bans and max_retries is None and not (temperature and temperature > 0) \
-            and force is None:
+    if not greedy_decodable(policy, slot_bans, max_retries) and not (temperature and temperature > 0) and force is None:
         raise ValueError("greedy `rewind` decoding needs slot bans or a retry limit: a rewound state equals an "
                          "earlier one, so greedy decoding would loop (docs/backtrack-semantics.md §4)")
     cfg = model.config

@@ -14,7 +14,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from common import cli, configure, decoding_rule, evaluate, greedy_decodable, load_model, parse_kwargs
+from common import cli, configure, decoding_rule, evaluate, load_model, parse_kwargs
+from data import as_rule
+from decode import greedy_decodable
 from tasks import checkpoint_task
 
 
@@ -74,7 +76,7 @@ def main(argv=None):
     cap = None if cfg.max_backtracks < 0 else cfg.max_backtracks
     result = {}
     passes = [("greedy", 0.0), (f"T={cfg.temperature}", cfg.temperature)]
-    if not greedy_decodable(rule):   # rewind without slot bans or a retry limit: sampling only
+    if not greedy_decodable(**as_rule(rule)):   # rewind without slot bans or a retry limit: sampling only
         passes = [p for p in passes if p[1] > 0]
         print(f"greedy skipped: {rule} leaves greedy decoding undefined (docs/backtrack-semantics.md §4)")
         if not passes:
