@@ -6,6 +6,7 @@ what a model was trained on and how it is decoded never differ.
 import torch
 import torch.nn as nn
 
+from data import resolve
 from model import KVCache, linear, shape_logits
 
 
@@ -94,6 +95,7 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     stops = torch.tensor(list(stop_ids) if stop_ids is not None else [cfg.eot_id] if stop_at_eot else [],
                          dtype=torch.long, device=device)
     stop = int(stops[0]) if len(stops) == 1 else None   # one stop id: compared as a Python int
+    stops = stops if len(stops) > 1 else None
     plen = torch.tensor([len(p) for p in prompts], device=device)
     Tp = int(plen.max())
     max_len = Tp + max_new_tokens + 1
@@ -109,116 +111,146 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     model.hidden(idx, torch.arange(Tp, device=device).expand(B, Tp), cache=cache)
     cache.lengths.copy_(plen)
 
-    # Depths 0..max_new_tokens can be reached, but a step reads only depths below max_new_tokens:
-    # depths D - 2 and D - 1 are spares that rows with nothing to record write to, so each update
-    # is one unconditional index_put instead of a read, a where and a write.
-    D = max_new_tokens + 2
-    K = max(1, min(x for x in (max_retries, max_backtracks, max_new_tokens) if x is not None))
+    # The bookkeeping tables are indexed by position, like the cache: a row's surviving response
+    # sits at positions plen..top-1, and top is where its next token goes. stack[top] (its free
+    # slot) holds V, "no token", and deleted[j] and ban_tok[j] (the retry count and the bans at
+    # position j) are empty for every j > top. So the updates below can be applied to every row
+    # unmasked: for a row that did not pop they bank V at its free slot, add 0 and clear what is
+    # already clear. A finished row goes on like a live one; only its actions are discarded (and
+    # its output is resolved from the actions it kept). top reaches Tp + max_new_tokens at most and
+    # one position above it is touched: W = Tp + max_new_tokens + 2.
+    W = Tp + max_new_tokens + 2
+    bk0 = min(max_backtracks, max_new_tokens) if max_backtracks is not None else max_new_tokens
+    K = max(1, bk0 if max_retries is None else min(max_retries, bk0))   # slot bans a position can hold
     V, NV = cfg.vocab_size, cfg.n_vocab
-    slot_banning = policy == "rewind" and slot_bans
+    rewind = policy == "rewind"
+    slot_banning = rewind and slot_bans
+    inf = float("inf")
     rows = torch.arange(B, device=device)
-    stack = torch.zeros(B, D, dtype=torch.long, device=device)       # surviving response tokens, by depth
-    depth = torch.zeros(B, dtype=torch.long, device=device)          # how many survive
-    bk_left = torch.full((B,), max_backtracks if max_backtracks is not None else 0, dtype=torch.long, device=device)
-    # depth -> tokens deleted there since the token below it was written: the retry count (§4),
-    # and under `rewind` the slot of ban_tok the next ban there goes to
-    deleted = torch.zeros(B, D, dtype=torch.long, device=device)
-    ban_tok = torch.full((B, D, K), V, dtype=torch.long, device=device)  # rewind: tokens deleted at each depth (V: none)
-    done = force_len == 0 if force is not None else torch.zeros(B, dtype=torch.bool, device=device)
+    top = plen.clone()
+    stack = torch.full((B, W), V, dtype=torch.long, device=device)   # surviving response tokens
+    spent = torch.zeros(B, dtype=torch.long, device=device)          # BKs emitted
+    # position -> tokens deleted there since the token below it was written: the retry count (§4)
+    deleted = torch.zeros(B, W, dtype=torch.long, device=device)
+    # position -> banned tokens (V: none). Slots 0..K-1 take the slot bans under `rewind`: a ban's
+    # slot is a count that only grows, so no two bans at a position share one (the BKs the row
+    # emitted before it, or with a retry limit the position's retry count); a row that does not
+    # pop banks V at the slot its count points to, never used yet, which is slot K when that count
+    # reached K. The last slot bans BK at the response's first position, for good (§4).
+    S = K + 2 if slot_banning else 1
+    ban_tok = torch.full((B, W, S), V, dtype=torch.long, device=device)
+    ban_tok[rows, plen, S - 1] = bk
+    deleted_up, ban_up = deleted[:, 1:], ban_tok[:, 1:]   # views: indexed at d, they reach position d + 1
+    live = force_len > 0 if force is not None else torch.ones(B, dtype=torch.bool, device=device)
     actions, logprobs, alive, kept_logits = [], [], [], []
     # The bans are written as -inf straight into a float copy of the logits, entry by entry (no
     # (B, V) ban matrix). Column V is a spare that unused ban slots point at; it and the padding
     # columns (ids >= n_vocab) are set to -inf once, and each step copies in only the real ones.
-    banned = torch.full((B, V + 1), float("-inf"), device=device)
+    banned = torch.full((B, V + 1), -inf, device=device)
     real, lg, bk_col, col0 = banned[:, :NV], banned[:, :V], banned[:, bk], banned[:, 0]   # views, made once
     # Work skipped where it can make no difference (a step of a small model is bound by the number
     # of tensor calls): a row can have every token banned only if its slot bans (at most K) and BK
     # cover all n_vocab tokens, and a row can outgrow the cache only when block_size capped max_len.
     can_stick = slot_banning and K + 1 >= NV
     capped = max_len < Tp + max_new_tokens + 1
-    top = cache.lengths.unsqueeze(1)   # a view: the position each row writes next, as lengths move
+    pos = cache.lengths.unsqueeze(1)   # a view: the slot each row's action of this step is written to
     for step in range(max_new_tokens):
-        logits = linear(model.lm_head, cache.h[rows, cache.lengths - 1], cache)   # (B, V)
+        # the hidden state of each row's last token, read at its cache length: under `rewind` the
+        # cache holds the prompt and the surviving tokens, at the same positions as the tables (so
+        # a pop is top's decrement, §3); under `keep` the prompt and every action
+        length = top if rewind else plen + step
+        if capped:   # (a row that finished at the cap goes on from its last slot)
+            length = length.clamp(max=max_len)
+        logits = linear(model.lm_head, cache.h[rows, length], cache)   # (B, V)
         real.copy_(logits[:, :NV])
-        if slot_banning:
-            banned.scatter_(1, ban_tok[rows, depth], float("-inf"))
-        # BK is banned at depth 0 and once max_backtracks are spent: min(depth, BKs left) <= 0
-        no_bk = (depth == 0) if max_backtracks is None else torch.minimum(depth, bk_left) <= 0
+        banned.scatter_(1, ban_tok[rows, top], -inf)
+        # BK is also banned once max_backtracks are spent, and on a token already deleted and
+        # rewritten max_retries times
+        no_bk = spent >= max_backtracks if max_backtracks is not None else None
         if max_retries is not None:
-            no_bk |= (depth > 0) & (deleted[rows, (depth - 1).clamp(min=0)] >= max_retries)
-        bk_col.masked_fill_(no_bk, float("-inf"))
+            tired = deleted[rows, top - 1] >= max_retries
+            no_bk = tired if no_bk is None else no_bk | tired
+        if no_bk is not None:
+            bk_col.masked_fill_(no_bk, -inf)
         if can_stick:
             # a row whose every token is banned has tried and deleted everything at this slot: it
             # ends (the logits themselves are finite, so only bans put every entry at -inf). Its
             # sample is discarded; token 0 is unbanned only to keep its distribution defined.
             stuck = torch.isneginf(lg.amax(-1))
-            done = done | stuck
+            live = live > stuck
             col0.masked_fill_(stuck, 0.0)
         lp = shape_logits(lg, temperature, top_k, top_p)
         if force is not None:
-            nxt = forced[:, step] if step < forced.shape[1] else torch.zeros_like(depth)
+            nxt = forced[:, step] if step < forced.shape[1] else torch.zeros_like(top)
         elif temperature and temperature > 0:
             nxt = sample(lp, gen)
         else:
             nxt = lp.argmax(-1)
-        live = ~done
-        actions.append(nxt); logprobs.append(lp.gather(1, nxt.unsqueeze(1)).squeeze(1)); alive.append(live)
+        actions.append(nxt); logprobs.append(lp[rows, nxt]); alive.append(live)
         if return_logits:
             kept_logits.append(logits)
-        is_bk = live & (nxt == bk)
-        # a sampled or greedy BK at depth 0 has probability 0 (banned above); only a forced one can
-        pop = is_bk & (depth > 0) if force is not None else is_bk
-        push = live ^ is_bk   # live and not BK
+        is_bk = nxt == bk
+        # a sampled or greedy BK on an empty response has probability 0 (banned above); a forced one
+        # is kept as an action and deletes nothing
+        pop = is_bk & (top > plen) if force is not None else is_bk
+        push = ~is_bk
         if on_step is not None:   # streaming reads each row's action: one sync, only when asked
-            gone = stack[rows, (depth - 1).clamp(min=0)]
+            gone = stack[rows, top - 1]
             for b in live.nonzero().flatten().tolist():
                 on_step(b, int(nxt[b]), int(gone[b]) if pop[b] else None)
-        # a pop from depth d+1 to d: the popped token's own retry count and bans go with it; the
-        # token is banned at depth d (rewind) and depth d counts one more retry
-        popped = pop.long()
-        d = depth - popped
-        if max_retries is not None or slot_banning:
-            at = torch.where(pop, d, D - 2)   # rows that do not pop write depths D - 2 and D - 1, never read
-            above = at + 1
-            deleted[rows, above] = 0
-            if slot_banning:
-                ban_tok[rows, above] = V
-                n_del = deleted[rows, at]   # < K unless a forced replay ignored the caps
-                ban_tok[rows, at, n_del if force is None else n_del.clamp(max=K - 1)] = stack[rows, d]
-            deleted.index_put_((rows, at), popped, accumulate=True)
-        if max_backtracks is not None:
-            bk_left -= is_bk.long()
-        stack[rows, torch.where(push, depth, D - 1)] = nxt
-        depth = d + push
-        write = push if policy == "rewind" else live
-        if policy == "rewind":
-            cache.lengths -= popped   # KVCache.pop, every row at once
+        # a pop from top d+1 to d: the popped token's own retry count and bans go with it; the
+        # token is banned at position d (rewind) and position d counts one more retry. Under
+        # `rewind` d is also where this step's action is written: a push's token, or a popped row's
+        # dummy in the slot it freed (alpha=-1: a bool can be added, not subtracted)
+        if rewind:
+            d = torch.add(top, pop, alpha=-1, out=cache.lengths)
+        else:
+            d = top.add(pop, alpha=-1)
+            torch.add(plen, step, out=cache.lengths)
+        if max_retries is not None:
+            deleted_up[rows, d] = 0
+            slot = deleted[rows, d]   # <= K, and < K for a row that pops (a forced replay may ignore the caps)
+            deleted[rows, d] = slot + pop
+        else:
+            slot = spent
+        if slot_banning:
+            ban_up[rows, d] = V
+            if force is not None:
+                slot = torch.where(pop, slot.clamp(max=K - 1), K)
+            ban_tok[rows, d, slot] = stack[rows, d]
+        spent.add_(pop if force is None else is_bk)
+        stack[rows, d] = torch.where(push, nxt, V)   # a push writes its token; a pop frees the slot
+        top = d + push
+        write = push if rewind else live
         if force is not None:
             ended = step + 1 >= force_len
-        else:
-            ended = nxt == stop if stop is not None else torch.isin(nxt, stops)
-        if capped:
-            ended = ended | (cache.lengths + write >= max_len)
-        done = done | ended   # (a row already done stays so, whatever its discarded action)
-        write = write > ended   # write and not ended, in one op
+        elif stop is not None:
+            ended = nxt == stop
+        else:   # no stop id, or several
+            ended = torch.isin(nxt, stops) if stops is not None else None
+        if capped:   # (d, an alias of cache.lengths, is not used past here)
+            cache.lengths.clamp_(max=max_len - 1)
+            full = cache.lengths + write >= max_len
+            ended = full if ended is None else ended | full
+        if ended is not None:
+            live = live > ended   # live and not ended (a row already done stays so)
+        if ended is not None or can_stick:   # else every row is live
+            write = write & live
         if not bool(write.any()):   # one host read per step
-            if bool(done.all()):
+            if not bool(live.any()):
                 break
             continue   # every live row rewound: nothing to write, the next logits are in cache.h already
-        # one batched forward; rows that rewound or finished write their action (a dummy) past
-        # their length, a slot nothing attends to, and do not advance. lengths < max_len holds: a
-        # row that would reach it finished above.
-        model.hidden(nxt.unsqueeze(1), top, cache=cache)
-        cache.lengths += write
+        # one batched forward; rows that rewound or finished write a dummy, where nothing attends
+        model.hidden(nxt.unsqueeze(1), pos, cache=cache)
     # one transfer of everything recorded, then per-row lists
     A = torch.stack(actions, 1).tolist() if actions else [[] for _ in range(B)]
     L = torch.stack(logprobs, 1).tolist() if actions else [[] for _ in range(B)]
     M = torch.stack(alive, 1).tolist() if actions else [[] for _ in range(B)]
-    S, n = stack.tolist(), depth.tolist()
     out = []
     for b in range(B):
         keep = [i for i, a in enumerate(M[b]) if a]
-        o = dict(response=[A[b][i] for i in keep], logprobs=[L[b][i] for i in keep], resolved=S[b][:n[b]])
+        response = [A[b][i] for i in keep]
+        o = dict(response=response, logprobs=[L[b][i] for i in keep], resolved=resolve(response, bk))
         o["logits"] = [kept_logits[i][b] for i in keep] if return_logits else []
         out.append(o)
     return out

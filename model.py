@@ -200,7 +200,10 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.h = torch.zeros(batch_size, max_len, cfg.n_embd, device=device, dtype=dtype)
+        # h[:, L]: the final hidden state of slot L - 1, the one a row of length L predicts its next
+        # token from (so it is read at the length itself; h[:, 0] is unused)
+        self.h = torch.zeros(batch_size, max_len + 1, cfg.n_embd, device=device, dtype=dtype)
+        self.h_of_slot = self.h[:, 1:]   # a view: indexed by slot, where a forward writes
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self.pos = None   # positions of the tokens being written by the forward in flight
@@ -331,7 +334,7 @@ class GPT(nn.Module):
             x = block(x, rope, mask, cache, i)
         x = self.transformer.ln_f(x)
         if cache is not None:
-            cache.h[cache.rows if B == cache.rows.shape[0] else cache.rows[:B], pos] = \
+            cache.h_of_slot[cache.rows if B == cache.rows.shape[0] else cache.rows[:B], pos] = \
                 x if x.dtype == cache.h.dtype else x.to(cache.h.dtype)
         return x
 

@@ -254,7 +254,7 @@ def bench_rewind(cfg, lengths=(64, 4096), n=20000, dev="cpu", ptdtype=torch.floa
     def rewind_logits():
         # what generate does after a BK: the slot below acts again from its stored hidden state
         cache.pop(rows)
-        return model.lm_head(cache.h[rows, cache.lengths[rows] - 1])
+        return model.lm_head(cache.h[rows, cache.lengths[rows]])
 
     for L in lengths:
         per_call_us(rewind, chunk * 4, L)  # warm-up
@@ -324,17 +324,17 @@ def bench_batched(model, rows=16, max_new_tokens=256, plen=16, p=0.15, reps=2, f
 
 @torch.no_grad()
 def bench_rollout(model, rows=64, new_tokens=96, plen=16, reps=3):
-    """Where a sampled rollout step of `rows` rows (policy rewind, slot bans, a backtrack cap: what
-    train_grpo.py runs) spends its time, each part timed inside the same generate call: the model
-    (every GPT.hidden call and lm_head), the sampler (shape_logits and decode.sample: the
-    log-softmax and the inverse-CDF draw), and generate's own bookkeeping, the rest (stacks, bans,
-    caps, finished rows, the recorded log-probs). Shares are taken over the decode loop, from the
+    """Where a sampled rollout step of `rows` rows (policy rewind, slot bans, a backtrack cap, a stop
+    at end-of-text: what train_grpo.py runs) spends its time, each part timed inside the same
+    generate call: the model (every GPT.hidden call and lm_head), the sampler (shape_logits and
+    decode.sample: the log-softmax and the inverse-CDF draw), and generate's own bookkeeping, the
+    rest (stacks, bans, caps, finished rows, the recorded log-probs). Shares are taken over the decode loop, from the
     first step's logits to the last forward; the call's setup (cache allocation, prompt tensors,
     prefill) and final transfer are reported apart. The run with the shortest loop is reported."""
     import decode as decodelib
     dev = next(model.parameters()).device
     prompts = random_prompts(rows, plen, model.config.eot_id, random.Random(args.seed))
-    kw = dict(max_new_tokens=new_tokens, temperature=1.0, policy="rewind", max_backtracks=4, stop_at_eot=False,
+    kw = dict(max_new_tokens=new_tokens, temperature=1.0, policy="rewind", max_backtracks=4, stop_at_eot=True,
               seed=args.seed)
     calls = {"model": [], "sampler": []}
 
@@ -368,7 +368,8 @@ def bench_rollout(model, rows=64, new_tokens=96, plen=16, reps=3):
             window = loop[-1][1] - loop[0][0]
             inside = sum(b - a for a, b in loop)
             sampler = sum(b - a for a, b in calls["sampler"])
-            r = dict(step_us=1e6 * window / new_tokens, model_us=1e6 * inside / new_tokens, bk_share=n_bk,
+            steps = len(calls["sampler"]) // 2   # (rows that end early leave the loop running: all rarely do)
+            r = dict(step_us=1e6 * window / steps, model_us=1e6 * inside / steps, bk_share=n_bk,
                      overhead=(window - inside) / window, sampler=sampler / window,
                      bookkeeping=(window - inside - sampler) / window,
                      setup=(total - window - (prefill[1] - prefill[0])) / total)

@@ -232,6 +232,32 @@ def test_batched_generation_matches_one_by_one():
         assert torch.allclose(torch.stack(both[i]["logits"]), torch.stack(one[0]["logits"]), atol=1e-5)
 
 
+@pytest.mark.parametrize("block_size", [96, 14])
+@pytest.mark.parametrize("max_retries", [None, 1])
+def test_batched_greedy_with_stops_and_bans_matches_one_by_one(block_size, max_retries):
+    """Rows of several prompt lengths that backtrack, collect slot bans and end at different steps
+    (at either of two stop ids, or at the cache's cap when block_size is 14) decode in one batch
+    exactly as alone: a finished row must not disturb the others, and each output is its own."""
+    m = tiny()
+    m.config.block_size = block_size   # the same weights; 14 caps the cache (learned positions)
+    with torch.no_grad():   # steer the final hidden state towards BK
+        u = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(3)), dim=0)
+        m.transformer.ln_f.bias.copy_(u)
+        m.transformer.wte.weight[BK] = 2 * u
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    kw = dict(max_new_tokens=24, policy="rewind", temperature=0, max_backtracks=5, max_retries=max_retries,
+              stop_ids=[EOT, 21])
+    both = generate(m, prompts, **kw)
+    assert sum(o["response"].count(BK) for o in both) > 0
+    assert len({len(o["response"]) for o in both}) > 2   # the rows ended at different steps
+    for p, o in zip(prompts, both):
+        one = generate(m, [p], **kw)[0]
+        assert o["response"] == one["response"] and o["resolved"] == one["resolved"]
+        assert o["resolved"] == resolve(o["response"], BK)
+        assert np.allclose(o["logprobs"], one["logprobs"], atol=1e-5)
+        assert len(p) + len(o["resolved"]) <= block_size   # every token has a position below it
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_checkpoint_and_hf_export_round_trip(tmp_path, kind):
     m = tiny(kind)
