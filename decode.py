@@ -147,7 +147,9 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     # (B, V) ban matrix). Column V is a spare that unused ban slots point at; it and the padding
     # columns (ids >= n_vocab) are set to -inf once, and each step copies in only the real ones.
     banned = torch.full((B, V + 1), -inf, device=device)
-    real, lg, bk_col, col0 = banned[:, :NV], banned[:, :V], banned[:, bk], banned[:, 0]   # views, made once
+    # The sampler reads all of it, the spare column too (probability 0): a contiguous tensor, which
+    # log_softmax and the draw take as it is (a (B, V) view of it would be copied first).
+    real, bk_col, col0 = banned[:, :NV], banned[:, bk], banned[:, 0]   # views, made once
     # Work skipped where it can make no difference (a step of a small model is bound by the number
     # of tensor calls): a row can have every token banned only if its slot bans (at most K) and BK
     # cover all n_vocab tokens, and a row can outgrow the cache only when block_size capped max_len.
@@ -176,10 +178,10 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
             # a row whose every token is banned has tried and deleted everything at this slot: it
             # ends (the logits themselves are finite, so only bans put every entry at -inf). Its
             # sample is discarded; token 0 is unbanned only to keep its distribution defined.
-            stuck = torch.isneginf(lg.amax(-1))
+            stuck = torch.isneginf(banned.amax(-1))
             live = live > stuck
             col0.masked_fill_(stuck, 0.0)
-        lp = shape_logits(lg, temperature, top_k, top_p)
+        lp = shape_logits(banned, temperature, top_k, top_p)
         if force is not None:
             nxt = forced[:, step] if step < forced.shape[1] else torch.zeros_like(top)
         elif temperature and temperature > 0:
