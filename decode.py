@@ -124,8 +124,9 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     # its output is resolved from the actions it kept). top reaches Tp + max_new_tokens at most and
     # one position above it is touched: W = Tp + max_new_tokens + 2.
     W = Tp + max_new_tokens + 2
-    bk0 = min(max_backtracks, max_new_tokens) if max_backtracks is not None else max_new_tokens
-    K = max(1, bk0 if max_retries is None else min(max_retries, bk0))   # slot bans a position can hold
+    # the pops a row can make: each deletes a token written before it, so at most half the steps
+    pops = max_new_tokens // 2 if max_backtracks is None else min(max_backtracks, max_new_tokens // 2)
+    K = max(1, pops if max_retries is None else min(max_retries, pops))   # slot bans a position can hold
     V, NV = cfg.vocab_size, cfg.n_vocab
     rewind = policy == "rewind"
     slot_banning = rewind and slot_bans
