@@ -64,7 +64,8 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     """Sample a response for each prompt (list of id lists), all rows in one cache.
 
     policy 'keep': BK is appended like any token. policy 'rewind': BK frees the top slot in place
-    (KVCache.pop) and is not written; the slot below acts again from its stored hidden state. Bans
+    (the row's cache length drops by one, as in KVCache.pop) and is not written; the slot below acts
+    again from its stored hidden state. Bans
     (docs/backtrack-semantics.md §4, the same rules as data.layout): BK while the response is
     empty, BK once max_backtracks are spent, BK on a slot already backtracked max_retries times,
     and under 'rewind' with slot_bans every token deleted at a slot, there. A row whose every
