@@ -104,7 +104,7 @@ def main(argv=None):
     for name, cfg in shapes if "hf" in want else []:
         n = args.hf_tokens if name == "tiny" else args.hf_gpt2_tokens
         for rows in (1, args.batch_rows):
-            r = bench_vs_hf(cfg, rows, n, args.prompt_len, args.reps if name == "tiny" else 2, args.device, ptdtype)
+            r = bench_vs_hf(cfg, rows, n, args.prompt_len, args.reps, args.device, ptdtype)
             if r is None:
                 print("  hf      skipped: transformers is not installed (pip install transformers)")
                 break
