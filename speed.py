@@ -328,9 +328,10 @@ def bench_rollout(model, rows=64, new_tokens=96, plen=16, reps=3):
     at end-of-text: what train_grpo.py runs) spends its time, each part timed inside the same
     generate call: the model (every GPT.hidden call and lm_head), the sampler (shape_logits and
     decode.sample: the log-softmax and the inverse-CDF draw), and generate's own bookkeeping, the
-    rest (stacks, bans, caps, finished rows, the recorded log-probs). Shares are taken over the decode loop, from the
-    first step's logits to the last forward; the call's setup (cache allocation, prompt tensors,
-    prefill) and final transfer are reported apart. The run with the shortest loop is reported."""
+    rest (stacks, bans, caps, finished rows, the recorded log-probs). Shares are taken over the
+    decode loop, from the first step's logits to the last forward; the call's setup (cache
+    allocation, prompt tensors, prefill) and final transfer are reported apart. The run with the
+    shortest loop is reported."""
     import decode as decodelib
     dev = next(model.parameters()).device
     prompts = random_prompts(rows, plen, model.config.eot_id, random.Random(args.seed))
