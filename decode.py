@@ -3,6 +3,9 @@ Generation with in-place rewinds: many rows in one KV cache, each row's backtrac
 cache as they are sampled (docs/backtrack-semantics.md §3-§4). The same bans as data.layout's, so
 what a model was trained on and how it is decoded never differ.
 """
+import functools
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -19,29 +22,53 @@ def sample(logprobs, gen):
     return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
-def transposed_weights(model, rows):
-    """{nn.Linear: its weight, as a view of a copy stored transposed}, for decoding `rows` <= 16
-    rows on CPU, where each linear is a matrix-vector product or nearly.
+@functools.cache
+def onednn_packing():
+    """Whether this torch can pack a linear weight for oneDNN and multiply by it (x86 builds with
+    oneDNN; tried once on a tiny weight rather than guessed from the platform)."""
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2), 1)
+        return bool(torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), w, None, "none", [], "").eq(2).all())
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
-    There MKL reads nn.Linear's (out, in) weight slower than the (in, out) layout Hugging Face's
-    GPT-2 Conv1D keeps, the more so the wider the layer (outputs / inputs) and the fewer the rows;
-    measured at GPT-2 small, weights cold in cache as in decoding: one row, 1/1.6 the speed for
-    c_attn and c_fc (3x and 4x wide) and 1/1.7 for the 50304-row head (65x), while the narrow MLP
-    c_proj is 1.1x faster as it is (38 vs 27 ms a token for all matrix products together); 16
-    rows, only the head gains (1.18x; c_fc is then 1.1x slower transposed). So one row copies
-    every wide layer and 16 rows the much wider ones (the head), by out / in > 1 or > 16.
-    The copies take as much memory again as those weights and ~0.4 s to make at GPT-2 small,
-    so they are kept on the model and a copy is remade only when its weight changed (its storage,
+
+# model -> {nn.Linear: (what its copy was made from, the copy)}; kept beside the model rather than
+# on it, so that copy.deepcopy and pickling a model still work (packed weights cannot be copied)
+_copies = weakref.WeakKeyDictionary()
+
+
+def decode_weights(model, rows):
+    """{nn.Linear: the copy of its weight that CPU decoding of `rows` rows reads}, kept on the model.
+
+    Decoding multiplies a few rows by each weight, where MKL's matrix product (what nn.Linear
+    calls) reaches half this CPU's peak. Measured at GPT-2 small, one thread, fp32, weights cold in
+    cache as in decoding:
+    - several rows: oneDNN's product on a weight packed for it once is 1.5-2x faster (16 rows: 80
+      vs 49 GFLOP/s for c_attn, 15 vs 33 ms for the 50304-row head; 64 rows: 1.3-1.6x), so every
+      linear gets a packed copy where torch has oneDNN (fp32, see onednn_packing);
+    - one row: MKL reads nn.Linear's (out, in) weight slower than the (in, out) layout, the more so
+      the wider the layer (c_attn and c_fc 1.3-1.7x, the head 1.9x), while the packed product
+      gains only on narrow layers and adds ~10 us a call, which small models feel; so the layers
+      wider than deep get a copy stored transposed instead. Without oneDNN, up to 16 rows, only
+      the much wider ones (out / in > 16: the head, 1.18x at 16 rows) do.
+    The copies take as much memory again as those weights and up to ~0.4 s to make at GPT-2 small,
+    so they are kept while the model lives and a copy is remade only when its weight changed (its storage,
     or its version, which every in-place update such as an optimizer step or a load bumps)."""
-    memo = model.__dict__.setdefault("_transposed", {})
+    pack = rows > 1 and next(model.parameters()).dtype == torch.float32 and onednn_packing()
+    memo = _copies.setdefault(model, {})
     out = {}
     for m in model.modules():
-        if isinstance(m, nn.Linear) and m.out_features > m.in_features * (1 if rows == 1 else 16):
-            w = m.weight
-            key = (w.data_ptr(), w._version, w.dtype)
-            if m not in memo or memo[m][0] != key:
-                memo[m] = (key, w.detach().t().contiguous().t())   # same shape, (in, out) storage
-            out[m] = memo[m][1]
+        if not isinstance(m, nn.Linear) or type(m.weight.data) is not torch.Tensor:
+            continue   # (a weight that is a shard, FSDP's DTensor, is read as it is)
+        if not (pack or rows <= 16 and m.out_features > m.in_features * (1 if rows == 1 else 16)):
+            continue
+        w = m.weight.detach()
+        key = (w.data_ptr(), w._version, w.dtype, pack)
+        if m not in memo or memo[m][0] != key:
+            memo[m] = None   # free the old copy before making the new one
+            memo[m] = (key, torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else w.t().contiguous().t())
+        out[m] = memo[m][1]
     return out
 
 
@@ -108,8 +135,8 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         max_len = cfg.block_size
     dtype = next(model.parameters()).dtype
     cache = KVCache(cfg, B, max_len, device=device, dtype=dtype)
-    if B <= 16 and torch.device(device).type == "cpu":   # matrix-vector-like products: see transposed_weights
-        cache.wt = transposed_weights(model, B)
+    if torch.device(device).type == "cpu":   # a few rows per matrix product: see decode_weights
+        cache.weights = decode_weights(model, B)
     idx = torch.zeros(B, Tp, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         idx[b, :len(p)] = torch.tensor(p, device=device)

@@ -104,10 +104,14 @@ def apply_rope(x, cos, sin):
 
 
 def linear(m, x, cache=None):
-    """m(x) for an nn.Linear m; in small-batch CPU decoding, with the copy of its weight stored
-    transposed that the cache carries (KVCache.wt, made by decode.transposed_weights)."""
-    w = cache.wt.get(m) if cache is not None and cache.wt is not None else None
-    return m(x) if w is None else F.linear(x, w, m.bias)
+    """m(x) for an nn.Linear m; in CPU decoding, with the copy of its weight the cache carries
+    (KVCache.weights, made by decode.decode_weights): packed for oneDNN, or stored transposed."""
+    w = cache.weights.get(m) if cache is not None and cache.weights is not None else None
+    if w is None:
+        return m(x)
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, m.bias, "none", [], "")
+    return F.linear(x, w, m.bias)
 
 
 class Attention(nn.Module):
@@ -214,7 +218,7 @@ class KVCache:
         self.rows = torch.arange(batch_size, device=device).unsqueeze(1)
         self.layers = [(self.k[i], self.v[i]) for i in range(cfg.n_layer)]
         self.slots = torch.arange(max_len, device=device)
-        self.wt = None    # {nn.Linear: weight stored transposed} for small-batch CPU decoding (decode.transposed_weights)
+        self.weights = None   # {nn.Linear: the copy of its weight CPU decoding reads} (decode.decode_weights)
         self.rope = None
         if cfg.pos == "rope":   # cos/sin of every slot, computed as GPT.hidden does, so a step only gathers
             f = self.slots.unsqueeze(-1).float() * rope_inv_freq(cfg).to(device)

@@ -209,7 +209,7 @@ def bench_vs_hf(cfg, rows, new_tokens, plen=16, reps=3, dev="cpu", ptdtype=torch
                             stop_at_eot=False)
     theirs = lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                   do_sample=False)
-    a, b = ours(), theirs()   # warm-up (small-batch CPU decoding makes its transposed weights here, once)
+    a, b = ours(), theirs()   # warm-up (CPU decoding makes its weight copies here, once)
     t_ours = t_hf = math.inf
     for _ in range(max(1, reps)):   # interleaved, so that a change of load hits both
         t_ours = min(t_ours, best_of(ours, 1, dev))
@@ -326,7 +326,7 @@ def bench_batched(model, rows=16, max_new_tokens=256, plen=16, p=0.15, reps=2, f
 def bench_rollout(model, rows=64, new_tokens=96, plen=16, reps=3):
     """Where a sampled rollout step of `rows` rows (policy rewind, slot bans, a backtrack cap, a stop
     at end-of-text: what train_grpo.py runs) spends its time, each part timed inside the same
-    generate call: the model (every GPT.hidden call and lm_head), the sampler (shape_logits and
+    generate call: the model (every GPT.hidden call and the head), the sampler (shape_logits and
     decode.sample: the log-softmax and the inverse-CDF draw), and generate's own bookkeeping, the
     rest (stacks, bans, caps, finished rows, the recorded log-probs). Shares are taken over the
     decode loop, from the first step's logits to the last forward; the call's setup (cache
@@ -356,8 +356,9 @@ def bench_rollout(model, rows=64, new_tokens=96, plen=16, reps=3):
     out = generate(model, prompts, **kw)   # warm-up
     n_bk = sum(o["response"].count(cfg.bk_id) for o in out) / sum(len(o["response"]) for o in out)
     best = None
-    saved = decodelib.shape_logits, decodelib.sample
-    model.hidden, model.lm_head.forward = timed(model.hidden, "model"), timed(model.lm_head.forward, "model")
+    saved = decodelib.shape_logits, decodelib.sample, decodelib.linear
+    # the head is decode.linear's call (it reads the cache's weight copies), not lm_head.forward
+    model.hidden, decodelib.linear = timed(model.hidden, "model"), timed(saved[2], "model")
     decodelib.shape_logits, decodelib.sample = timed(saved[0], "sampler"), timed(saved[1], "sampler")
     try:
         for _ in range(max(1, reps)):
@@ -376,8 +377,8 @@ def bench_rollout(model, rows=64, new_tokens=96, plen=16, reps=3):
                      setup=(total - window - (prefill[1] - prefill[0])) / total)
             best = r if best is None or r["step_us"] < best["step_us"] else best
     finally:
-        del model.hidden, model.lm_head.forward
-        decodelib.shape_logits, decodelib.sample = saved
+        del model.hidden
+        decodelib.shape_logits, decodelib.sample, decodelib.linear = saved
     return best
 
 # -----------------------------------------------------------------------------

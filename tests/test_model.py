@@ -1,5 +1,6 @@
 """Model invariants: HF parity, cached decoding, training/inference equivalence per policy,
 in-place rewinds, RL log-probs, checkpoint round trips, and loop-free greedy rewind."""
+import copy
 import os
 import random
 
@@ -391,18 +392,22 @@ def test_sparse_loss_head_equals_the_dense_one(kind):
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
-def test_batch_one_decoding_follows_weight_updates():
-    """Decoding one row on CPU reads a transposed copy of each linear weight, kept on the model
-    (decode.transposed_weights): after an in-place update, as an optimizer step makes, the copy is
-    remade, and the decoded logits still equal the full forward's."""
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cpu_decoding_follows_weight_updates(rows):
+    """Decoding on CPU reads copies of the linear weights kept on the model (decode.decode_weights:
+    transposed for one row, packed for oneDNN for several where torch has it): after an in-place
+    update, as an optimizer step makes, the copies are remade, and every row's decoded logits
+    still equal the full forward's. The copies live beside the model, so it still deep-copies."""
     m = tiny()
-    prompt = [1, 2, 3]
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]][:rows]
     for _ in range(2):
-        out = generate(m, [prompt], max_new_tokens=5, policy="keep", temperature=0, stop_at_eot=False,
+        out = generate(m, prompts, max_new_tokens=5, policy="keep", temperature=0, stop_at_eot=False,
                        return_logits=True)
-        with torch.no_grad():
-            full = m(torch.tensor([prompt + out[0]["response"]]))[0, len(prompt) - 1:-1]
-        assert torch.allclose(torch.stack(out[0]["logits"]), full, atol=1e-5)
+        for p, o in zip(prompts, out):
+            with torch.no_grad():
+                full = m(torch.tensor([p + o["response"]]))[0, len(p) - 1:-1]
+            assert torch.allclose(torch.stack(o["logits"]), full, atol=1e-5)
         with torch.no_grad():
             for p in m.parameters():
                 p.mul_(1.5)
+    copy.deepcopy(m)
