@@ -39,7 +39,7 @@ _copies = weakref.WeakKeyDictionary()
 
 
 def decode_weights(model, rows):
-    """{nn.Linear: the copy of its weight that CPU decoding of `rows` rows reads}, kept on the model.
+    """{nn.Linear: the copy of its weight that CPU decoding of `rows` rows reads}.
 
     Decoding multiplies a few rows by each weight, where MKL's matrix product (what nn.Linear
     calls) reaches half this CPU's peak. Measured at GPT-2 small, one thread, fp32, weights cold in
@@ -52,9 +52,9 @@ def decode_weights(model, rows):
       gains only on narrow layers and adds ~10 us a call, which small models feel; so the layers
       wider than deep get a copy stored transposed instead. Without oneDNN, up to 16 rows, only
       the much wider ones (out / in > 16: the head, 1.18x at 16 rows) do.
-    The copies take as much memory again as those weights and up to ~0.4 s to make at GPT-2 small,
-    so they are kept while the model lives and a copy is remade only when its weight changed (its storage,
-    or its version, which every in-place update such as an optimizer step or a load bumps)."""
+    The copies take as much memory again as those weights and 0.3 s to make at GPT-2 small, so
+    they are kept while the model lives, and a copy is remade only when its weight changed (its
+    storage, or its version, which every in-place update such as an optimizer step or a load bumps)."""
     pack = rows > 1 and next(model.parameters()).dtype == torch.float32 and onednn_packing()
     memo = _copies.setdefault(model, {})
     out = {}
@@ -65,8 +65,8 @@ def decode_weights(model, rows):
             continue
         w = m.weight.detach()
         key = (w.data_ptr(), w._version, w.dtype, pack)
-        if m not in memo or memo[m][0] != key:
-            memo[m] = None   # free the old copy before making the new one
+        if memo.get(m, (None,))[0] != key:
+            memo.pop(m, None)   # free the old copy before making the new one
             memo[m] = (key, torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else w.t().contiguous().t())
         out[m] = memo[m][1]
     return out

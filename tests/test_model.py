@@ -394,7 +394,7 @@ def test_sparse_loss_head_equals_the_dense_one(kind):
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_cpu_decoding_follows_weight_updates(rows):
-    """Decoding on CPU reads copies of the linear weights kept on the model (decode.decode_weights:
+    """Decoding on CPU reads copies of the linear weights kept for the model (decode.decode_weights:
     transposed for one row, packed for oneDNN for several where torch has it): after an in-place
     update, as an optimizer step makes, the copies are remade, and every row's decoded logits
     still equal the full forward's. The copies live beside the model, so it still deep-copies."""
