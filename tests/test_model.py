@@ -393,12 +393,13 @@ def test_sparse_loss_head_equals_the_dense_one(kind):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_cpu_decoding_follows_weight_updates(rows):
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_cpu_decoding_follows_weight_updates(kind, rows):
     """Decoding on CPU reads copies of the linear weights kept for the model (decode.decode_weights:
     transposed for one row, packed for oneDNN for several where torch has it): after an in-place
     update, as an optimizer step makes, the copies are remade, and every row's decoded logits
     still equal the full forward's. The copies live beside the model, so it still deep-copies."""
-    m = tiny()
+    m = tiny(kind, **({"qkv_bias": True} if kind == "llama" else {}))   # linears with and without bias
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]][:rows]
     for _ in range(2):
         out = generate(m, prompts, max_new_tokens=5, policy="keep", temperature=0, stop_at_eot=False,
