@@ -25,7 +25,8 @@ def sample(logprobs, gen):
 @functools.cache
 def onednn_packing():
     """Whether this torch can pack a linear weight for oneDNN and multiply by it (x86 builds with
-    oneDNN; tried once on a tiny weight rather than guessed from the platform)."""
+    oneDNN). These are the ops torch.compile's CPU weight prepacking emits; they are private, so
+    they are tried once on a tiny weight rather than assumed from the version or platform."""
     try:
         w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2), 1)
         return bool(torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), w, None, "none", [], "").eq(2).all())
