@@ -34,8 +34,9 @@ def onednn_packing():
         return False
 
 
-# model -> {nn.Linear: (what its copy was made from, the copy)}; kept beside the model rather than
-# on it, so that copy.deepcopy and pickling a model still work (packed weights cannot be copied)
+# model -> {nn.Linear: (the weight its copy was made from, its version, the copy)}; kept beside the
+# model rather than on it, so that copy.deepcopy and pickling a model still work (packed weights
+# cannot be copied)
 _copies = weakref.WeakKeyDictionary()
 
 
@@ -47,30 +48,38 @@ def decode_weights(model, rows):
     cache as in decoding:
     - several rows: oneDNN's product on a weight packed for it once is 1.5-2x faster (16 rows: 80
       vs 49 GFLOP/s for c_attn, 15 vs 33 ms for the 50304-row head; 64 rows: 1.3-1.6x), so every
-      linear gets a packed copy where torch has oneDNN (fp32, see onednn_packing);
+      linear gets a packed copy where torch has oneDNN (fp32 and no autocast, which would hand
+      the packed fp32 weight bf16 inputs; see onednn_packing);
     - one row: MKL reads nn.Linear's (out, in) weight slower than the (in, out) layout, the more so
       the wider the layer (c_attn and c_fc 1.3-1.7x, the head 1.9x), while the packed product
       gains only on narrow layers and adds ~10 us a call, which small models feel; so the layers
       wider than deep get a copy stored transposed instead. Without oneDNN, up to 16 rows, only
       the much wider ones (out / in > 16: the head, 1.18x at 16 rows) do.
     The copies take as much memory again as those weights and 0.3 s to make at GPT-2 small, so
-    they are kept while the model lives, and a copy is remade only when its weight changed (its
-    storage, or its version, which every in-place update such as an optimizer step or a load bumps)."""
-    pack = rows > 1 and next(model.parameters()).dtype == torch.float32 and onednn_packing()
-    memo = _copies.setdefault(model, {})
-    out = {}
+    they are kept while the model lives, and a copy is remade only when its weight changed: a
+    different tensor (the one a copy was made from is held, so no new weight can take its
+    address), or a new version, which every in-place update such as an optimizer step or a load
+    bumps. Copies this call does not use are dropped, and so is everything once the model leaves
+    the CPU."""
+    old, new = _copies.pop(model, {}), {}
+    if next(model.parameters()).device.type != "cpu":
+        return new
+    pack = (rows > 1 and next(model.parameters()).dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and onednn_packing())
     for m in model.modules():
         if not isinstance(m, nn.Linear) or type(m.weight.data) is not torch.Tensor:
             continue   # (a weight that is a shard, FSDP's DTensor, is read as it is)
         if not (pack or rows <= 16 and m.out_features > m.in_features * (1 if rows == 1 else 16)):
             continue
-        w = m.weight.detach()
-        key = (w.data_ptr(), w._version, w.dtype, pack)
-        if memo.get(m, (None,))[0] != key:
-            memo.pop(m, None)   # free the old copy before making the new one
-            memo[m] = (key, torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else w.t().contiguous().t())
-        out[m] = memo[m][1]
-    return out
+        w = m.weight.detach()   # shares the weight's storage and version counter
+        version = (None if w.is_inference() else w._version, pack)   # an inference tensor has no counter
+        entry = old.pop(m, None)
+        if entry is None or entry[0].data_ptr() != w.data_ptr() or entry[1] != version:
+            entry = None   # free the old copy before making the new one
+            entry = (w, version, torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else w.t().contiguous().t())
+        new[m] = entry
+    _copies[model] = new
+    return {m: e[2] for m, e in new.items()}
 
 
 def greedy_decodable(policy="rewind", slot_bans=True, max_retries=None):
@@ -136,8 +145,7 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         max_len = cfg.block_size
     dtype = next(model.parameters()).dtype
     cache = KVCache(cfg, B, max_len, device=device, dtype=dtype)
-    if torch.device(device).type == "cpu":   # a few rows per matrix product: see decode_weights
-        cache.weights = decode_weights(model, B)
+    cache.weights = decode_weights(model, B)   # on CPU, copies of the weights read faster in decoding
     idx = torch.zeros(B, Tp, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         idx[b, :len(p)] = torch.tensor(p, device=device)

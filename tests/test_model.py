@@ -412,3 +412,34 @@ def test_cpu_decoding_follows_weight_updates(kind, rows):
             for p in m.parameters():
                 p.mul_(1.5)
     copy.deepcopy(m)
+
+
+def test_cpu_decoding_weight_copies_follow_swapped_and_cast_weights():
+    """The copies decoding reads are remade when a weight becomes another tensor without an
+    in-place update (`.data =`, a dtype round trip), even if the new tensor lands at the old one's
+    address; and decoding still works under CPU autocast and for weights made in inference mode."""
+    m = tiny(n_embd=64, vocab_size=512)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+
+    def check(model, atol=1e-5):
+        for rows in (3, 1):
+            out = generate(model, prompts[:rows], max_new_tokens=4, policy="keep", temperature=0,
+                           stop_at_eot=False, return_logits=True)
+            for p, o in zip(prompts, out):
+                with torch.no_grad():
+                    full = model(torch.tensor([p + o["response"]]))[0, len(p) - 1:-1]
+                assert torch.allclose(torch.stack(o["logits"]).float(), full.float(), atol=atol)
+
+    for i in range(8):
+        check(m)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.data = -p.data if i % 2 else p.data * 1.25
+        m.double()
+        m.float()
+    check(m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        check(m, atol=0.1)
+    with torch.inference_mode():
+        m2 = tiny(n_embd=64, vocab_size=512, seed=1)
+    check(m2)
