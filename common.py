@@ -435,8 +435,7 @@ def finish(raw, cfg, ddp, world, log, master, done, start, t0, script, then=""):
         dist.destroy_process_group()
     elif ddp:
         import torch.distributed as dist
-        hashes = [None] * world
-        dist.all_gather_object(hashes, weights_hash(raw))
+        hashes = gather_hashes(raw, world)
         log(step=cfg.max_iters, rank_weight_hashes=hashes)
         if master and len(set(hashes)) != 1:
             print(f"warning: ranks hold different weights: {hashes}", file=sys.stderr)
@@ -449,6 +448,24 @@ def finish(raw, cfg, ddp, world, log, master, done, start, t0, script, then=""):
               + (f". Next:\n  {then}" if then else ""))
     if STOP["signal"] is not None:
         sys.exit(128 + STOP["signal"])
+
+
+def gather_hashes(model, world):
+    """Every rank's weights_hash, by one all_gather: the last collective of a DDP run.
+    Its tensors stay referenced here until the process group's worker thread has let go of them
+    (their use count is back to ours). The worker lets go only after the collective has returned,
+    and if that happens while the interpreter is shutting down, it needs the GIL to free tensors
+    Python has dropped and aborts the process ("terminate called without an active exception":
+    about one two-process CPU run in ten did so, after the run had finished and saved)."""
+    import torch.distributed as dist
+    mine = torch.tensor(list(bytes.fromhex(weights_hash(model))), dtype=torch.uint8,
+                        device=next(unwrap(model).parameters()).device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    deadline = time.time() + 10
+    while any(t._use_count() > 1 for t in [mine, *every]) and time.time() < deadline:
+        time.sleep(0.001)
+    return [bytes(t.tolist()).hex() for t in every]
 
 
 def weights_hash(model):
