@@ -453,10 +453,11 @@ def finish(raw, cfg, ddp, world, log, master, done, start, t0, script, then=""):
 def gather_hashes(model, world):
     """Every rank's weights_hash, by one all_gather: the last collective of a DDP run.
     Its tensors stay referenced here until the process group's worker thread has let go of them
-    (their use count is back to ours). The worker lets go only after the collective has returned,
-    and if that happens while the interpreter is shutting down, it needs the GIL to free tensors
-    Python has dropped and aborts the process ("terminate called without an active exception":
-    about one two-process CPU run in ten did so, after the run had finished and saved)."""
+    (their use count is back to ours). The worker may let go after the collective has returned
+    here, and if that happens while the interpreter is shutting down, it needs the GIL to free
+    tensors Python has dropped and aborts the process ("terminate called without an active
+    exception": about one two-process CPU run in ten did so, after the run had finished and
+    saved). The wait is bounded in case a backend keeps its references longer."""
     import torch.distributed as dist
     mine = torch.tensor(list(bytes.fromhex(weights_hash(model))), dtype=torch.uint8,
                         device=next(unwrap(model).parameters()).device)
