@@ -392,6 +392,17 @@ def test_sparse_loss_head_equals_the_dense_one(kind):
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
+def assert_decoded_logits_match_the_forward(model, prompts, max_new_tokens, atol=1e-5):
+    """Greedy `keep` decoding of the prompts in one batch: each row's logits at every step equal
+    a full forward over its prompt and response."""
+    out = generate(model, prompts, max_new_tokens=max_new_tokens, policy="keep", temperature=0,
+                   stop_at_eot=False, return_logits=True)
+    for p, o in zip(prompts, out):
+        with torch.no_grad():
+            full = model(torch.tensor([p + o["response"]]))[0, len(p) - 1:-1]
+        assert torch.allclose(torch.stack(o["logits"]).float(), full.float(), atol=atol)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_cpu_decoding_follows_weight_updates(kind, rows):
@@ -402,12 +413,7 @@ def test_cpu_decoding_follows_weight_updates(kind, rows):
     m = tiny(kind, **({"qkv_bias": True} if kind == "llama" else {}))   # linears with and without bias
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]][:rows]
     for _ in range(2):
-        out = generate(m, prompts, max_new_tokens=5, policy="keep", temperature=0, stop_at_eot=False,
-                       return_logits=True)
-        for p, o in zip(prompts, out):
-            with torch.no_grad():
-                full = m(torch.tensor([p + o["response"]]))[0, len(p) - 1:-1]
-            assert torch.allclose(torch.stack(o["logits"]), full, atol=1e-5)
+        assert_decoded_logits_match_the_forward(m, prompts, max_new_tokens=5)
         with torch.no_grad():
             for p in m.parameters():
                 p.mul_(1.5)
@@ -423,12 +429,7 @@ def test_cpu_decoding_weight_copies_follow_swapped_and_cast_weights():
 
     def check(model, atol=1e-5):
         for rows in (3, 1):
-            out = generate(model, prompts[:rows], max_new_tokens=4, policy="keep", temperature=0,
-                           stop_at_eot=False, return_logits=True)
-            for p, o in zip(prompts, out):
-                with torch.no_grad():
-                    full = model(torch.tensor([p + o["response"]]))[0, len(p) - 1:-1]
-                assert torch.allclose(torch.stack(o["logits"]).float(), full.float(), atol=atol)
+            assert_decoded_logits_match_the_forward(model, prompts[:rows], max_new_tokens=4, atol=atol)
 
     for i in range(8):
         check(m)
