@@ -62,10 +62,10 @@ def decode_weights(model, rows):
     bumps. Copies this call does not use are dropped, and so is everything once the model leaves
     the CPU."""
     old, new = _copies.pop(model, {}), {}
-    if next(model.parameters()).device.type != "cpu":
+    p = next(model.parameters())
+    if p.device.type != "cpu":
         return new
-    pack = (rows > 1 and next(model.parameters()).dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and onednn_packing())
+    pack = rows > 1 and p.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and onednn_packing()
     for m in model.modules():
         if not isinstance(m, nn.Linear) or type(m.weight.data) is not torch.Tensor:
             continue   # (a weight that is a shard, FSDP's DTensor, is read as it is)
