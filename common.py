@@ -25,7 +25,7 @@ from hf import copy_tokenizer_files, declared_eos_ids, has_tokenizer_files, padd
 from decode import generate, greedy_decodable
 from model import GPT, GPTConfig, init_bk_embedding, unwrap
 from reward import deletion_stats
-from tasks import parse_answer, prompt_ids
+from tasks import prompt_ids
 from tokenizer import get_tokenizer, hf_tokenizer_ids
 
 # -----------------------------------------------------------------------------
@@ -565,11 +565,12 @@ def load_stage_model(path, device, stage, chat=True):
 
 @torch.no_grad()
 def evaluate(model, tok, task, problems, rule="rewind", temperature=0.0, top_k=0, top_p=1.0,
-             max_new_tokens=128, max_backtracks=None, batch_size=64, seed=0, progress=False):
+             max_new_tokens=128, max_backtracks=None, batch_size=64, seed=0, progress=False, pop_below=0.0):
     """Generate one completion per problem under the decoding rule (data.as_rule), stopping at any of
     the tokenizer's stop ids, and score it on its resolved text with the task's verifier (acc) and
     its extra checks (task.scores: <name>_acc). Prompts come from tasks.prompt_ids (chat-rendered
-    when tok.chat). Returns (metrics dict, per-sample records)."""
+    when tok.chat). pop_below: decode.generate's way out of a search. Returns (metrics dict,
+    per-sample records)."""
     was_training = model.training
     model.eval()
     records = []
@@ -579,20 +580,33 @@ def evaluate(model, tok, task, problems, rule="rewind", temperature=0.0, top_k=0
         batch = problems[i:i + batch_size]
         prompts = [prompt_ids(tok, task, p) for p in batch]
         outs = generate(model, prompts, max_new_tokens=max_new_tokens, **as_rule(rule), temperature=temperature,
-                        top_k=top_k, top_p=top_p, max_backtracks=max_backtracks, seed=seed + i, stop_ids=tok.stop_ids)
+                        top_k=top_k, top_p=top_p, max_backtracks=max_backtracks, seed=seed + i, stop_ids=tok.stop_ids,
+                        pop_below=pop_below)
         for p, o in zip(batch, outs):
             text = tok.decode([t for t in o["resolved"] if t not in stops])
             n_bk = count_backtracks(o["response"], tok.bk_id)
             reference = tok.encode(p["solution"]) + [tok.eot_id]
             necessary, unnecessary = deletion_stats(o["response"], reference, tok.bk_id)
             records.append(dict(question=p["question"], answer=p["answer"], response=o["response"],
-                                text=text, parsed=parse_answer(text), correct=bool(task.verify(text, p)),
+                                text=text, parsed=task.answer_of(text), correct=bool(task.verify(text, p)),
                                 scores=task.scores(text, p),
                                 backtracks=n_bk, necessary=necessary, unnecessary=unnecessary,
                                 finished=any(t in stops for t in o["resolved"]),
+                                out_of_tokens=len(o["response"]) >= max_new_tokens and not any(t in stops for t in o["resolved"]),
+                                longest_pop=longest_run(o["response"], tok.bk_id),
                                 hit_cap=max_backtracks is not None and n_bk >= max_backtracks))
     model.train(was_training)
     return summarize(records), records
+
+
+def longest_run(response, bk_id):
+    """The longest run of consecutive BKs in a response: how far back its deepest pop went (in a
+    depth-first search, a cascade through exhausted cells)."""
+    best = run = 0
+    for t in response:
+        run = run + 1 if t == bk_id else 0
+        best = max(best, run)
+    return best
 
 
 def summarize(records):
@@ -613,6 +627,11 @@ def summarize(records):
         corrections_right=sum(r["correct"] for r in corrected) / len(corrected) if corrected else float("nan"),
         hit_cap=sum(r["hit_cap"] for r in records) / n,
         finished=sum(r["finished"] for r in records) / n,
+        # a search that did not end: out of generated tokens (the budget), or stalled before it
+        # (every token banned at a slot, or, under `keep`, the context full)
+        out_of_tokens=sum(r["out_of_tokens"] for r in records) / n,
+        stalled=sum(not r["finished"] and not r["out_of_tokens"] for r in records) / n,
+        longest_pop=sum(r["longest_pop"] for r in records) / n,   # mean of each sample's longest run of BKs
         mean_len=sum(len(r["response"]) for r in records) / n,
     )
 

@@ -530,6 +530,29 @@ def inject_retry(tok, task, p, rng, kind="retry", retry_rate=0.5, max_backtracks
     return out + [tok.eot_id]
 
 
+def inject_search(tok, task, p, rng, max_backtracks=None, max_len=None):
+    """The trace of a depth-first solver (task.search_trace(p, rng): characters, None for a BK; e.g.
+    tasks.Sudoku), in ids: every wrong value it writes, and every token a dead end pops back through
+    (the cascade), undone by BKs. Each character must be one token, so that a BK deletes exactly one
+    value (byte tokens; a tokenizer that merges the characters of the solution gives None). None also
+    when the search needs more than max_backtracks BKs or max_len actions: the caller trains on the
+    clean solution instead (dropping a long search changes the mix; the share is counted in meta)."""
+    if not hasattr(task, "search_trace"):
+        raise ValueError(f"--augment=dfs: task {task.name!r} has no depth-first solver (search_trace); sudoku has one")
+    actions = task.search_trace(p, rng, max_actions=max_len)
+    if actions is None:
+        return None
+    ids = []
+    for a in actions:
+        t = [tok.bk_id] if a is None else tok.encode(a)
+        if len(t) != 1:
+            return None
+        ids += t
+    if max_backtracks is not None and ids.count(tok.bk_id) > max_backtracks:
+        return None
+    return ids + [tok.eot_id]
+
+
 def random_vocab(tok):
     """Ids for uniform random errors: printable ASCII (and newline) for bytes, all of BPE."""
     if getattr(tok, "name", None) == "byte":
@@ -538,12 +561,12 @@ def random_vocab(tok):
     return [i for i in range(tok.n_vocab) if i not in special]
 
 
-AUGMENTS = ("plausible", "random", "lcs") + RETRY_KINDS
+AUGMENTS = ("plausible", "random", "lcs", "dfs") + RETRY_KINDS
 MIXED = ("plausible", "random", "lcs")   # what 'mixed' picks from (retry kinds are asked for by name)
 
 
 def build_traces(tok, task, problems, rng, backtrack_ratio=0.5, max_backtracks=8, augment="plausible",
-                 n_errors=(1, 2), error_len=(1, 3), allow_test=False, retry_rate=0.5):
+                 n_errors=(1, 2), error_len=(1, 3), allow_test=False, retry_rate=0.5, max_len=None):
     """Training traces: prompt ids = tasks.prompt_ids(tok, task, p) (chat-rendered when tok.chat); response = the clean solution ids
     plus end-of-text, augmented with backtracks for a backtrack_ratio share of the problems.
 
@@ -551,8 +574,10 @@ def build_traces(tok, task, problems, rng, backtrack_ratio=0.5, max_backtracks=8
     solution with the right one: p['wrong'], a str or list of str, when the problem carries one,
     else task.slip), 'retry' / 'retry_weak' (a line that cannot be written yet, or a later line,
     begun and undone before a line, with probability retry_rate per line: inject_retry; tasks with
-    retry_options only, e.g. deps), 'mixed' (one of plausible, random, lcs per trace), or a list of
-    names to pick from. max_backtracks caps the BKs of any trace (0: every trace is clean). Where an
+    retry_options only, e.g. deps), 'dfs' (a depth-first solver's trace, inject_search: tasks with a
+    search_trace, e.g. sudoku; a search without an undo, or whose trace would pass max_len tokens
+    with its prompt, stays clean),
+    'mixed' (one of plausible, random, lcs per trace), or a list of names to pick from. max_backtracks caps the BKs of any trace (0: every trace is clean). Where an
     augmentation finds nothing to do (no wrong solution, no plausible spot, a task without retry
     options) the trace falls back to plausible, then random, injection. Refuses test-split
     problems unless allow_test.
@@ -581,11 +606,14 @@ def build_traces(tok, task, problems, rng, backtrack_ratio=0.5, max_backtracks=8
                     resp = lcs_trace(tok.encode(wrong) + [eot], clean, bk, max_backtracks=max_backtracks)
             elif kind in RETRY_KINDS:
                 resp = inject_retry(tok, task, p, rng, kind, retry_rate, max_backtracks) or clean
+            elif kind == "dfs":   # a search that needed no undo, or did not fit, is a clean trace
+                resp = inject_search(tok, task, p, rng, max_backtracks, None if max_len is None else max_len - len(prompt) - 1) or clean
+                kind = "dfs" if bk in resp else "clean"
             n = _span(n_errors, rng)
             if bk not in resp and kind in ("lcs", "plausible") + RETRY_KINDS:
                 resp = inject_random(clean, bk, rng, n, sampler=sampler, eot_id=eot, max_backtracks=max_backtracks)
                 kind = "plausible"
-            if bk not in resp:
+            if bk not in resp and kind != "clean":
                 resp = inject_random(clean, bk, rng, n, error_len=error_len, vocab=vocab, eot_id=eot,
                                      max_backtracks=max_backtracks)
                 kind = "random"

@@ -97,7 +97,7 @@ def greedy_decodable(policy="rewind", slot_bans=True, max_retries=None):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.0, top_k=0, top_p=1.0,
              max_backtracks=None, seed=None, stop_at_eot=True, on_step=None, force=None, return_logits=False,
-             device=None, slot_bans=True, max_retries=None, stop_ids=None):
+             device=None, slot_bans=True, max_retries=None, stop_ids=None, pop_below=0.0):
     """Sample a response for each prompt (list of id lists), all rows in one cache.
 
     policy 'keep': BK is appended like any token. policy 'rewind': BK frees the top slot in place
@@ -112,6 +112,10 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     on_step(row, token, popped_token_or_None) is called for each action (for streaming).
     force: per row, a list of actions to replay instead of sampling (tests, scoring); a row
     ends when its list does. return_logits: also return each action's raw logits.
+    pop_below: a search's way out (an evaluation-time rule; training never sees it): where the
+    tokens still allowed, BK aside, hold less than this share of the model's own (unbanned)
+    distribution, i.e. every value it likes is banned at this slot, the action is BK (when BK is
+    allowed). Its log-prob is BK's under the banned distribution. 0 = off.
 
     The bookkeeping (stacks, bans, retry counts, caps, finished rows) lives in tensors and is
     updated for all rows at once: no per-row Python and no per-row device sync in the loop.
@@ -223,6 +227,9 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
             stuck = torch.isneginf(banned.amax(-1))
             live = live > stuck
             col0.masked_fill_(stuck, 0.0)
+        if pop_below > 0 and force is None:   # computed before shape_logits, which may write into banned
+            liked = logits[:, :NV].float().softmax(-1).masked_fill(torch.isneginf(real), 0.0)
+            out_of_values = (liked.sum(-1) - liked[:, bk] < pop_below) & ~torch.isneginf(bk_col)
         lp = shape_logits(banned, temperature, top_k, top_p)
         if force is not None:
             nxt = forced[:, step] if step < forced.shape[1] else torch.zeros_like(top)
@@ -230,6 +237,8 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
             nxt = sample(lp, gen)
         else:
             nxt = lp.argmax(-1)
+        if pop_below > 0 and force is None:
+            nxt = torch.where(out_of_values, bk, nxt)
         actions.append(nxt); logprobs.append(lp[rows, nxt]); alive.append(live)
         if return_logits:
             kept_logits.append(logits)

@@ -34,6 +34,7 @@ class Config:
     samples: int = 1                 # > 1: also k samples per problem at --temperature: majority vote and pass@k
     max_new_tokens: int = 0          # 0 = the checkpoint's
     max_backtracks: int = -1         # cap per sample; -1 = none
+    pop_below: float = 0.0           # > 0: BK where the allowed tokens hold less than this share of the model's mass (decode.generate)
     seed: int = 0
     device: str = "cpu"
     out: str = ""                    # JSON file for the metrics; "" = <ckpt>/eval.json
@@ -64,6 +65,8 @@ def main(argv=None):
         raise ValueError(f"--n={cfg.n}: evaluate at least one problem")
     if cfg.temperature < 0:
         raise ValueError(f"--temperature={cfg.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 <= cfg.pop_below < 1:
+        raise ValueError(f"--pop_below={cfg.pop_below}: a share of probability in [0, 1)")
     if cfg.samples < 1 or (cfg.samples > 1 and cfg.temperature == 0):
         raise ValueError(f"--samples={cfg.samples}: at least 1, and several need --temperature > 0")
     decoding_rule(cfg, {})   # checks the flags before any work
@@ -83,12 +86,12 @@ def main(argv=None):
             raise ValueError(f"--temperature=0 with {rule}: greedy rewind decoding needs slot bans or a retry limit")
     for label, T in passes:
         m, _ = evaluate(model, tok, task, problems, rule, T, max_new_tokens=max_new_tokens, max_backtracks=cap,
-                        seed=cfg.seed, progress=True)
+                        seed=cfg.seed, progress=True, pop_below=cfg.pop_below)
         result[label] = m
     if cfg.samples > 1:
         _, records = evaluate(model, tok, task, [p for p in problems for _ in range(cfg.samples)], rule,
                               cfg.temperature, max_new_tokens=max_new_tokens, max_backtracks=cap, seed=cfg.seed + 1,
-                              progress=True)
+                              progress=True, pop_below=cfg.pop_below)
         result[f"vote@{cfg.samples}"] = vote(task, problems, records, cfg.samples)
     out = cfg.out or os.path.join(cfg.ckpt, "eval.json")
     tmp = out + ".tmp"

@@ -17,7 +17,7 @@ import torch
 from common import cli, configure, decoding_rule, load_model
 from data import count_backtracks
 from decode import generate
-from tasks import get_task, parse_answer, prompt_ids
+from tasks import get_task, prompt_ids
 
 DEFAULT_CKPT = "out/sft"   # what the README's main run (python train_sft.py) writes
 
@@ -161,7 +161,7 @@ def main(argv=None):
         answer = tok.decode([t for t in o["resolved"] if t not in tok.stop_ids])
         print(f"\n[backtracks: {count_backtracks(o['response'], tok.bk_id)}]  resolved:\n{text}{answer}")
         if task is not None:
-            print(f"[answer: {parse_answer(answer)}]")
+            print(f"[answer: {task.answer_of(answer)}]")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class Config:
     max_retries: int = -1            # per-slot retry limit: BK is banned on a slot backtracked this often; -1 = none
     mask_errors: bool = True         # no loss on predicting an error token
     backtrack_ratio: float = 0.5     # share of traces that contain errors and backtracks
-    augment: str = "plausible"       # plausible | random | lcs | mixed | retry | retry_weak | search (data.build_traces)
+    augment: str = "plausible"       # plausible | random | lcs | mixed | retry | retry_weak | search | dfs (data.build_traces)
     retry_rate: float = 0.5          # retry augmentations: chance of an undone false start before each line
     curriculum: str = "0:1,0.3:2,0.6:3"  # progress:max_backtracks phases
     n_train: int = 50000             # size of the training problem pool
@@ -101,7 +101,7 @@ def global_batch(step, cfg, tok, task, pool, extra, max_bk, size):
     n_extra = int(round(size * cfg.traces_ratio)) if extra else 0
     probs = [pool[rng.randrange(len(pool))] for _ in range(size - n_extra)]
     traces = build_traces(tok, task, probs, rng, backtrack_ratio=cfg.backtrack_ratio, max_backtracks=max_bk,
-                          augment=cfg.augment, retry_rate=cfg.retry_rate)
+                          augment=cfg.augment, retry_rate=cfg.retry_rate, max_len=cfg.block_size)
     traces += [extra[rng.randrange(len(extra))] for _ in range(n_extra)]
     return traces
 

@@ -1,7 +1,7 @@
 """The evaluator's backtrack statistics on hand-built completions."""
 import math
 
-from common import summarize
+from common import longest_run, summarize
 from reward import deletion_stats
 from tasks import get_task
 from tokenizer import Tokenizer
@@ -20,14 +20,27 @@ def test_deletion_stats_hand_built():
 
 
 def test_summarize_counts():
-    recs = [dict(correct=True, backtracks=2, necessary=2, unnecessary=0, finished=True, hit_cap=False, response=[0] * 10),
-            dict(correct=False, backtracks=1, necessary=0, unnecessary=1, finished=True, hit_cap=True, response=[0] * 6),
-            dict(correct=True, backtracks=0, necessary=0, unnecessary=0, finished=False, hit_cap=False, response=[0] * 8)]
+    recs = [dict(correct=True, backtracks=2, necessary=2, unnecessary=0, finished=True, hit_cap=False, response=[0] * 10,
+                 out_of_tokens=False, longest_pop=2),
+            dict(correct=False, backtracks=1, necessary=0, unnecessary=1, finished=True, hit_cap=True, response=[0] * 6,
+                 out_of_tokens=False, longest_pop=1),
+            dict(correct=True, backtracks=0, necessary=0, unnecessary=0, finished=False, hit_cap=False, response=[0] * 8,
+                 out_of_tokens=True, longest_pop=0),
+            dict(correct=False, backtracks=0, necessary=0, unnecessary=0, finished=False, hit_cap=False, response=[0] * 4,
+                 out_of_tokens=False, longest_pop=0)]
+    m = summarize(recs)
+    assert m["out_of_tokens"] == 1 / 4 and m["stalled"] == 1 / 4 and m["longest_pop"] == 3 / 4
+    recs = recs[:3]
     m = summarize(recs)
     assert m["acc"] == 2 / 3 and m["bk_per_sample"] == 1.0 and m["share_backtracked"] == 2 / 3
     assert m["precision"] == 2 / 3 and m["unnecessary_per_sample"] == 1 / 3
     assert m["corrections_right"] == 0.5 and m["hit_cap"] == 1 / 3 and m["finished"] == 2 / 3
     assert math.isnan(summarize(recs[2:])["precision"])
+
+
+def test_longest_run_of_backtracks():
+    assert longest_run([1, BK, 2, BK, BK, BK, 3, BK, BK], BK) == 3
+    assert longest_run([1, 2], BK) == 0 and longest_run([], BK) == 0
 
 
 def test_deletions_judged_on_a_real_task():
