@@ -786,10 +786,11 @@ class Sudoku(SyntheticTask):
 
     # -- material for data.inject_search
 
-    def search_trace(self, p, rng, max_actions=None):
+    def search_trace(self, p, rng, max_actions=None, prefer=None):
         """The actions of a depth-first solver that writes the response cell by cell, as a list of
         characters and None for a BK: at each blank cell it writes one of the values the filled
-        peers allow (in random order, drawn anew at each visit), and moves on; at a blank cell with
+        peers allow (in random order, drawn anew at each visit; or in the order prefer(cell, values)
+        gives, a fixed preference as a greedy decoder has), and moves on; at a blank cell with
         no value left it pops back, one BK per written token (givens and newlines too), to the
         previous blank cell, which then takes its next value, or, with none left, is popped in turn
         (the cascade). resolve(actions) is the solution. None if it needs more than max_actions."""
@@ -810,7 +811,10 @@ class Sudoku(SyntheticTask):
                 continue
             if k not in left:   # a new visit: the values allowed here now, in a random order
                 left[k] = self.allowed(grid, it)
-                rng.shuffle(left[k])
+                if prefer is None:
+                    rng.shuffle(left[k])
+                else:
+                    left[k] = list(reversed(prefer(it, left[k])))   # (taken from the end)
             if left[k]:
                 grid[it] = left[k].pop()
                 actions.append(str(grid[it]))
