@@ -39,7 +39,9 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from common import cli, configure, read_json
@@ -59,6 +61,14 @@ VARIANTS = {
                     "--retry_rate=1.0"],
     "search_rewind": ["--augment=search", "--backtrack_ratio=1.0", "--curriculum=0:64", "--policy=rewind",
                       "--mask_errors=False", "--retry_rate=1.0"],
+    # sudoku: a depth-first solver's traces (--augment=dfs; every trace is a search, and one that
+    # needs no undo is clean), no cap on the BKs
+    "dfs_rewind": ["--augment=dfs", "--backtrack_ratio=1.0", "--curriculum=0:none", "--policy=rewind", "--mask_errors=True"],
+    "dfs_rewind_unmasked": ["--augment=dfs", "--backtrack_ratio=1.0", "--curriculum=0:none", "--policy=rewind",
+                            "--mask_errors=False"],
+    "dfs_keep": ["--augment=dfs", "--backtrack_ratio=1.0", "--curriculum=0:none", "--policy=keep", "--mask_errors=True"],
+    "dfs_keep_unmasked": ["--augment=dfs", "--backtrack_ratio=1.0", "--curriculum=0:none", "--policy=keep",
+                          "--mask_errors=False"],
     "retry_weak_keep": ["--augment=retry_weak", "--backtrack_ratio=1.0", "--curriculum=0:16", "--policy=keep", "--mask_errors=False"],
 }
 
@@ -79,14 +89,19 @@ class Config:
     grpo_iters: int = 100
     stage_iters: int = 300           # steps of the +self and +dpo stages
     self_n: int = 300                # train problems sampled (x4) for the model's own errors
+    oracle: bool = False             # also the clean model as proposer in a depth-first search its task's rule checker verifies (sudoku)
+    jobs: int = 1                    # runs at a time, each with cores/jobs threads (small models use 2 cores better as 2 jobs)
     sft_args: str = ""               # extra --key=value args for every SFT run, space separated
     grpo_args: str = ""
+
+
+THREADS = {}   # the environment of the runs: OMP_NUM_THREADS when several run at a time (main sets it)
 
 
 def run(script, *args):
     """Run one stage exactly as a user would, in its own process (stages never import each other)."""
     cmd = [sys.executable, os.path.join(HERE, script), *args]
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(cmd, env=dict(os.environ, **THREADS)).returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd[1:])} failed")
 
 
@@ -105,10 +120,11 @@ def final_eval(cfg, path, vote):
         out = os.path.join(path, f"eval_{split}.json")
         run("evaluate.py", f"--ckpt={path}", f"--n={cfg.eval_n}", f"--out={out}", "--seed=1",
             *([f"--task_kwargs={kw}"] if kw else []), *([f"--max_new_tokens={cfg.max_new_tokens}"] if cfg.max_new_tokens else []),
-            *([f"--samples={cfg.vote_k}"] if vote and cfg.vote_k > 1 else []))
+            *([f"--samples={cfg.vote_k}"] if vote and cfg.vote_k > 1 else []),
+            *(["--oracle_search=True"] if vote and cfg.oracle else []))
         for label, m in read_json(out).items():
             if isinstance(m, dict):
-                key = "greedy" if label == "greedy" else "vote" if label.startswith("vote") else "t1"
+                key = {"greedy": "greedy", "oracle_search": "oracle"}.get(label, "vote" if label.startswith("vote") else "t1")
                 res.update({f"{split}/{key}/{k}": v for k, v in m.items()})
     return res
 
@@ -172,7 +188,7 @@ def write_svg(curves, path, w=640, h=400, pad=50):
 def main(argv=None):
     cfg = Config()
     configure(cfg, sys.argv[1:] if argv is None else argv)
-    for k in ("seeds", "tokens", "eval_n", "eval_points", "grpo_iters", "stage_iters", "self_n"):
+    for k in ("seeds", "tokens", "eval_n", "eval_points", "grpo_iters", "stage_iters", "self_n", "jobs"):
         if getattr(cfg, k) < 1:
             raise SystemExit(f"error: --{k}={getattr(cfg, k)}: must be at least 1")
     variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
@@ -186,41 +202,63 @@ def main(argv=None):
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     extra = cfg.sft_args.split()
     t_start = time.time()
-    for base in dict.fromkeys(v.partition("+")[0] for v in variants):
+    lock = threading.Lock()
+
+    def save(name, row):
+        with lock:
+            results[name] = row
+            tmp = results_path + ".tmp"
+            json.dump(results, open(tmp, "w"), indent=1)
+            os.replace(tmp, results_path)
+
+    def one_seed(base, seed):
+        """Train (or find) one base run, evaluate it, and run its second stages."""
         args = [f"--task={cfg.task}", *([f"--task_kwargs={cfg.task_kwargs}"] if cfg.task_kwargs else []),
                 *VARIANTS[base], *extra]
-        for seed in range(cfg.seeds):
-            name = f"{base}/seed{seed}"
-            run_dir = os.path.join(cfg.out_dir, base, f"seed{seed}")
-            if name not in results:   # finished runs are kept: the ablation can be resumed
-                # equal tokens: train_sft sets each variant's step count from its own tokens per step
-                if not os.path.exists(os.path.join(run_dir, "train_state.pt")):
-                    run("train_sft.py", *args, f"--out_dir={run_dir}", f"--seed={seed}", f"--max_tokens={cfg.tokens}",
-                        f"--evals={cfg.eval_points}", f"--save_interval={10 ** 9}", f"--eval_n={cfg.eval_n}",
-                        "--progress=False")
-                iters = read_json(os.path.join(run_dir, "config.json"))["train_config"]["max_iters"]
-                results[name] = dict(variant=base, seed=seed, iters=iters,
-                                     curve=[(s / iters, a) for s, a in curve(run_dir)],
-                                     **final_eval(cfg, run_dir, vote=base == "clean"))
-                json.dump(results, open(results_path, "w"), indent=1)
-            for stage in STAGES:
-                v = f"{base}+{stage}"
-                if stage and v in variants and f"{v}/seed{seed}" not in results:
-                    out = run_dir + "-" + stage
-                    if not os.path.exists(os.path.join(out, "train_state.pt")):
-                        STAGES[stage](cfg, run_dir, out, seed, args)
-                    results[f"{v}/seed{seed}"] = dict(variant=v, seed=seed, **final_eval(cfg, out, vote=False))
-                    json.dump(results, open(results_path, "w"), indent=1)
-    # the table: mean +- std over seeds
+        name = f"{base}/seed{seed}"
+        run_dir = os.path.join(cfg.out_dir, base, f"seed{seed}")
+        if name not in results:   # finished runs are kept: the ablation can be resumed
+            # equal tokens: train_sft sets each variant's step count from its own tokens per step
+            if not os.path.exists(os.path.join(run_dir, "train_state.pt")):
+                run("train_sft.py", *args, f"--out_dir={run_dir}", f"--seed={seed}", f"--max_tokens={cfg.tokens}",
+                    f"--evals={cfg.eval_points}", f"--save_interval={10 ** 9}", f"--eval_n={cfg.eval_n}",
+                    "--progress=False")
+            iters = read_json(os.path.join(run_dir, "config.json"))["train_config"]["max_iters"]
+            save(name, dict(variant=base, seed=seed, iters=iters, curve=[(s / iters, a) for s, a in curve(run_dir)],
+                            **final_eval(cfg, run_dir, vote=base == "clean")))
+        for stage in STAGES:
+            v = f"{base}+{stage}"
+            if stage and v in variants and f"{v}/seed{seed}" not in results:
+                out = run_dir + "-" + stage
+                if not os.path.exists(os.path.join(out, "train_state.pt")):
+                    STAGES[stage](cfg, run_dir, out, seed, args)
+                save(f"{v}/seed{seed}", dict(variant=v, seed=seed, **final_eval(cfg, out, vote=False)))
+
+    if cfg.jobs > 1:
+        THREADS["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
+    jobs = [(base, seed) for base in dict.fromkeys(v.partition("+")[0] for v in variants) for seed in range(cfg.seeds)]
+    with ThreadPoolExecutor(cfg.jobs) as pool:   # threads only wait on subprocesses
+        for f in [pool.submit(one_seed, *j) for j in jobs]:
+            f.result()
+    # the table: mean +- std over seeds. Beside each row, what it cost on the harder split (the last):
+    # tokens generated per problem (BKs included) and forward GFLOPs per problem (evaluate.forward_flops)
     splits = ["test"] + (["long"] if cfg.long_kwargs else [])
+    last = splits[-1]
     cols = [(f"{m} ({sp})", f"{sp}/{k}/acc") for sp in splits for m, k in (("greedy", "greedy"), ("T=1", "t1"))]
-    cols += [(f"bk/sample T=1 ({splits[-1]})", f"{splits[-1]}/t1/bk_per_sample"),
-             (f"tokens/problem greedy ({splits[-1]})", f"{splits[-1]}/greedy/mean_len")]
+    cols += [(f"bk/sample T=1 ({last})", f"{last}/t1/bk_per_sample"),
+             (f"tokens/problem greedy ({last})", f"{last}/greedy/mean_len"),
+             (f"GFLOPs/problem greedy ({last})", f"{last}/greedy/flops_per_problem")]
     lines = ["| variant | seeds | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
 
     def cell(runs, k):
-        xs = [r[k] for r in runs if r.get(k) is not None and r[k] == r[k]]
+        xs = [r[k] * (1e-9 if "flops" in k else 1) for r in runs if r.get(k) is not None and r[k] == r[k]]
         return "n/a" if not xs else f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f}"
+
+    def baseline(label, runs, acc_cols, keys):
+        """A row whose accuracy sits in the acc_cols ('greedy' or 'T=1') of each split, its costs from keys."""
+        row = [cell(runs, f"{sp}/{keys[0]}") if c == acc_cols else "" for sp in splits for c in ("greedy", "T=1")]
+        row += ["", cell(runs, f"{last}/{keys[1]}"), cell(runs, f"{last}/{keys[2]}")]
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(row) + " |")
 
     curves = {}
     for v in variants:
@@ -229,11 +267,13 @@ def main(argv=None):
             continue
         lines.append(f"| {v} | {len(runs)} | " + " | ".join(cell(runs, k) for _, k in cols) + " |")
         if v == "clean" and cfg.vote_k > 1:   # the baselines at equal generated tokens
-            for label, m in ((f"clean, majority of {cfg.vote_k} at T=1", "majority_acc"),
-                             (f"clean, pass@{cfg.vote_k} at T=1 (oracle)", "pass_at_k")):
-                row = [cell(runs, f"{sp}/vote/{m}") if "T=1" in c else "" for sp in splits for c in ("greedy", "T=1")]
-                row += ["", cell(runs, f"{splits[-1]}/vote/tokens_per_problem")]
-                lines.append(f"| {label} | {len(runs)} | " + " | ".join(row) + " |")
+            baseline(f"clean, majority of {cfg.vote_k} at T=1", runs, "T=1",
+                     ("vote/majority_acc", "vote/tokens_per_problem", "vote/flops_per_problem"))
+            baseline(f"clean, pass@{cfg.vote_k} at T=1 (oracle picks)", runs, "T=1",
+                     ("vote/pass_at_k", "vote/tokens_per_problem", "vote/flops_per_problem"))
+        if v == "clean" and cfg.oracle:
+            baseline("clean proposes, rule checker verifies (DFS)", runs, "greedy",
+                     ("oracle/acc", "oracle/mean_len", "oracle/flops_per_problem"))
         if all("curve" in r for r in runs):
             pts = list(zip(*[r["curve"] for r in runs]))
             curves[v] = [(statistics.mean(p[0] for p in col), statistics.mean(p[1] for p in col)) for col in pts]

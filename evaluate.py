@@ -14,10 +14,13 @@ import os
 import sys
 from dataclasses import dataclass
 
-from common import cli, configure, decoding_rule, evaluate, load_model, parse_kwargs
+import torch
+from tqdm import tqdm
+
+from common import cli, configure, decoding_rule, evaluate, load_model, longest_run, parse_kwargs
 from data import as_rule
 from decode import greedy_decodable
-from tasks import checkpoint_task
+from tasks import checkpoint_task, prompt_ids
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Config:
     samples: int = 1                 # > 1: also k samples per problem at --temperature: majority vote and pass@k
     max_new_tokens: int = 0          # 0 = the checkpoint's
     max_backtracks: int = -1         # cap per sample; -1 = none
+    oracle_search: bool = False      # also a depth-first search: the model proposes, the task's rule checker verifies (sudoku)
     pop_below: float = 0.0           # > 0: BK where the allowed tokens hold less than this share of the model's mass (decode.generate)
     seed: int = 0
     device: str = "cpu"
@@ -58,6 +62,59 @@ def vote(task, problems, records, k):
                 tokens_per_problem=sum(len(r["response"]) for r in records) / n)
 
 
+@torch.no_grad()
+def oracle_search(model, tok, task, problems, max_new_tokens):
+    """A depth-first search with the model as proposer and the task's rule checker as verifier
+    (task.allowed_next: sudoku): at each step the model's most likely token among those the checker
+    allows and no earlier try at this slot used; where none is left, a BK (the slot's token is
+    popped and banned below). The strongest search a model without backtracking gets from a
+    perfect local verifier, counted in the same actions (each write or BK one generated token).
+    One full forward per write (no cache): an evaluation, not a decoder. Returns (metrics, records)
+    like common.evaluate."""
+    model.eval()
+    records = []
+    for p in tqdm(problems, desc="oracle search", leave=False):
+        prompt = prompt_ids(tok, task, p)
+        written, tried, actions = [], [set()], []
+        while len(actions) < max_new_tokens:
+            text = tok.decode(written)
+            ok = [(tok.eot_id if c == "" else tok.encode(c)[0]) for c in task.allowed_next(p, text)]
+            ok = [t for t in ok if t not in tried[-1]]
+            if not ok:
+                actions.append(tok.bk_id)
+                if not written:
+                    break   # the search is exhausted at the root
+                tried.pop()
+                tried[-1].add(written.pop())
+                continue
+            logits = model(torch.tensor([prompt + written]))[0, -1]
+            t = max(ok, key=lambda i: float(logits[i]))
+            actions.append(t)
+            if t == tok.eot_id:
+                break
+            written.append(t)
+            tried.append(set())
+        text = tok.decode(written)
+        records.append(dict(correct=bool(task.verify(text, p)), response=actions, backtracks=actions.count(tok.bk_id),
+                            finished=actions[-1:] == [tok.eot_id], longest_pop=longest_run(actions, tok.bk_id)))
+    n = len(records)
+    return dict(n=n, acc=sum(r["correct"] for r in records) / n,
+                bk_per_sample=sum(r["backtracks"] for r in records) / n,
+                finished=sum(r["finished"] for r in records) / n,
+                longest_pop=sum(r["longest_pop"] for r in records) / n,
+                mean_len=sum(len(r["response"]) for r in records) / n), records
+
+
+def forward_flops(model, prompts, records, policy):
+    """Forward FLOPs per problem, about 2 x parameters per token the model reads: the prompt, then
+    each action written to the context (under `rewind` a BK is not: the slot below's logits are
+    cached; under `keep` it is). Attention's share, small at these lengths, is left out."""
+    n_params = sum(x.numel() for x in model.parameters())
+    bk = model.config.bk_id
+    read = [len(pr) + sum(1 for t in r["response"] if policy == "keep" or t != bk) for pr, r in zip(prompts, records)]
+    return 2 * n_params * sum(read) / max(len(read), 1)
+
+
 def main(argv=None):
     cfg = Config()
     configure(cfg, sys.argv[1:] if argv is None else argv)
@@ -73,6 +130,8 @@ def main(argv=None):
     model, tok = load_model(cfg.ckpt, device=cfg.device, chat=cfg.chat)
     meta = model.meta
     name, task_kwargs, task = checkpoint_task(meta, cfg.task, parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
+    if cfg.oracle_search and not hasattr(task, "allowed_next"):
+        raise ValueError(f"--oracle_search: task {name!r} has no rule checker (allowed_next); sudoku has one")
     rule = decoding_rule(cfg, meta)
     problems = task.problems("test", n=cfg.n, seed=cfg.seed)
     max_new_tokens = cfg.max_new_tokens or meta.get("max_new_tokens", 128)
@@ -84,15 +143,21 @@ def main(argv=None):
         print(f"greedy skipped: {rule} leaves greedy decoding undefined (docs/backtrack-semantics.md §4)")
         if not passes:
             raise ValueError(f"--temperature=0 with {rule}: greedy rewind decoding needs slot bans or a retry limit")
+    prompts = [prompt_ids(tok, task, p) for p in problems]
     for label, T in passes:
-        m, _ = evaluate(model, tok, task, problems, rule, T, max_new_tokens=max_new_tokens, max_backtracks=cap,
-                        seed=cfg.seed, progress=True, pop_below=cfg.pop_below)
-        result[label] = m
+        m, records = evaluate(model, tok, task, problems, rule, T, max_new_tokens=max_new_tokens, max_backtracks=cap,
+                              seed=cfg.seed, progress=True, pop_below=cfg.pop_below)
+        result[label] = dict(m, flops_per_problem=forward_flops(model, prompts, records, rule["policy"]))
     if cfg.samples > 1:
         _, records = evaluate(model, tok, task, [p for p in problems for _ in range(cfg.samples)], rule,
                               cfg.temperature, max_new_tokens=max_new_tokens, max_backtracks=cap, seed=cfg.seed + 1,
                               progress=True, pop_below=cfg.pop_below)
-        result[f"vote@{cfg.samples}"] = vote(task, problems, records, cfg.samples)
+        result[f"vote@{cfg.samples}"] = dict(vote(task, problems, records, cfg.samples), flops_per_problem=cfg.samples
+                                             * forward_flops(model, [x for x in prompts for _ in range(cfg.samples)],
+                                                             records, rule["policy"]))
+    if cfg.oracle_search:
+        m, records = oracle_search(model, tok, task, problems, max_new_tokens)
+        result["oracle_search"] = dict(m, flops_per_problem=forward_flops(model, prompts, records, "rewind"))
     out = cfg.out or os.path.join(cfg.ckpt, "eval.json")
     tmp = out + ".tmp"
     with open(tmp, "w") as f:

@@ -784,6 +784,23 @@ class Sudoku(SyntheticTask):
         digits = "".join(response_lines(text))
         return [i < len(digits) and digits[i] == str(p["cells"][i]) for i, v in enumerate(p["grid"]) if not v]
 
+    def allowed_next(self, p, text):
+        """The characters a checker of the rules allows next after the response text (resolved):
+        the given or the newline that comes next, the values a blank cell's filled peers allow
+        (none at a dead end), or, after the last cell, '' for the end. For an oracle-checked search
+        (evaluate.oracle_search): it checks the rules, not the solution."""
+        n = self.size
+        if len(text) == n * (n + 1) - 1:
+            return [""]
+        if len(text) % (n + 1) == n:
+            return ["\n"]
+        cells = text.replace("\n", "")
+        cell = len(cells)
+        if p["grid"][cell]:
+            return [str(p["grid"][cell])]
+        grid = [int(c) for c in cells] + p["grid"][cell:]
+        return [str(v) for v in self.allowed(grid, cell)]
+
     # -- material for data.inject_search
 
     def search_trace(self, p, rng, max_actions=None, prefer=None):
