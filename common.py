@@ -25,7 +25,7 @@ from hf import copy_tokenizer_files, declared_eos_ids, has_tokenizer_files, padd
 from decode import generate, greedy_decodable
 from model import GPT, GPTConfig, init_bk_embedding, unwrap
 from reward import deletion_stats
-from tasks import prompt_ids
+from tasks import prompt_ids, task_class
 from tokenizer import get_tokenizer, hf_tokenizer_ids
 
 # -----------------------------------------------------------------------------
@@ -181,6 +181,8 @@ def check_config(cfg):
               "max_tokens", "evals", "sft_weight", "temperature", "eval_temperature", "top_k", "max_new_tokens"):
         need(lambda v: v >= 0, k, "must be >= 0")
     need(lambda v: v in AUGMENTS + ("mixed",), "augment", f"expected one of {', '.join(AUGMENTS)} or mixed")
+    if getattr(cfg, "augment", "") == "dfs" and not hasattr(task_class(cfg.task), "search_trace"):
+        raise SystemExit(f"error: --augment=dfs: task {cfg.task!r} has no depth-first solver; sudoku has one")
     for k in ("backtrack_ratio", "traces_ratio", "dropout", "retry_rate"):
         need(lambda v: 0 <= v <= 1, k, "must be between 0 and 1")
     need(lambda v: 0 < v <= 1, "top_p", "must be in (0, 1]")

@@ -69,6 +69,8 @@ def ckpt(tmp_path_factory):
     (["--tokenizer=/no/such/tokenizer"], ["/no/such/tokenizer"]),
     (["--traces_ratio=0.5"], ["--traces_file"]),
     (["--init_from=/no/such/checkpoint"], ["/no/such/checkpoint"]),
+    (["--augment=dfs"], ["--augment=dfs", "arith"]),
+    (["--task=sudoku", "--task_kwargs=min_blanks=30,max_blanks=20"], ["sudoku", "blanks"]),
 ])
 def test_train_sft_bad_arguments(ckpt, args, words):
     before = folder_hash(ckpt)
@@ -127,6 +129,7 @@ def test_later_stages_bad_arguments(ckpt, tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--prompt="], ["--prompt"]),
+    (["--prompt", ""], ["--prompt"]),
     (["--prompt", "7+5", "--temperature=-1"], ["--temperature=-1"]),
     (["--prompt", "7+5", "--num_samples=0"], ["--num_samples=0"]),
     (["--prompt", "7+5", "--top_p=2"], ["--top_p=2"]),
@@ -152,7 +155,8 @@ def test_generate_and_evaluate_into_a_closed_pipe(ckpt):
 def test_evaluate_bad_arguments_keep_the_old_results(ckpt):
     before = folder_hash(ckpt)
     for args, word in ([["--n=0"], "--n=0"], [["--temperature=-0.5"], "--temperature=-0.5"],
-                       [["--policy=sideways"], "--policy=sideways"]):
+                       [["--policy=sideways"], "--policy=sideways"], [["--pop_below=1.5"], "--pop_below=1.5"],
+                       [["--oracle_search=True"], "--oracle_search"]):
         assert_one_line_error(run("evaluate.py", f"--ckpt={ckpt}", *args), word)
     assert folder_hash(ckpt) == before
 
