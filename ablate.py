@@ -123,7 +123,7 @@ def final_eval(cfg, path, vote):
             *([f"--samples={cfg.vote_k}"] if vote and cfg.vote_k > 1 else []),
             *(["--oracle_search=True"] if vote and cfg.oracle else []))
         for label, m in read_json(out).items():
-            if isinstance(m, dict):
+            if label in ("greedy", "oracle_search") or label.startswith(("T=", "vote")):   # the passes, not task_kwargs
                 key = {"greedy": "greedy", "oracle_search": "oracle"}.get(label, "vote" if label.startswith("vote") else "t1")
                 res.update({f"{split}/{key}/{k}": v for k, v in m.items()})
     return res
