@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from common import cli, configure, read_json
+from plot import write_svg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -161,30 +162,6 @@ def run_dpo(cfg, run_dir, out, seed, args):
 STAGES = {"": None, "grpo": run_grpo, "self": run_self, "dpo": run_dpo}
 
 
-def write_svg(curves, path, w=640, h=400, pad=50):
-    """A plain SVG line chart (no plotting dependency): {label: [(x, y), ...]}, y in [0, 1]."""
-    xmax = max((x for pts in curves.values() for x, _ in pts), default=1) or 1
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
-    X = lambda x: pad + (w - 2 * pad) * x / xmax
-    Y = lambda y: h - pad - (h - 2 * pad) * y
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<line x1="{pad}" y1="{Y(0)}" x2="{w - pad}" y2="{Y(0)}" stroke="black"/>',
-           f'<line x1="{pad}" y1="{Y(0)}" x2="{pad}" y2="{Y(1)}" stroke="black"/>',
-           f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle">fraction of SFT training</text>',
-           f'<text x="12" y="{h / 2}" transform="rotate(-90 12 {h / 2})" text-anchor="middle">held-out greedy accuracy</text>']
-    for t in (0, 0.25, 0.5, 0.75, 1.0):
-        out.append(f'<text x="{pad - 6}" y="{Y(t) + 4}" text-anchor="end">{t:g}</text>')
-    for i, (label, pts) in enumerate(curves.items()):
-        c = colors[i % len(colors)]
-        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="' +
-                   " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in pts) + '"/>')
-        out.append(f'<text x="{w - pad + 4 - 120}" y="{pad + 16 * i}" fill="{c}">{label}</text>')
-    out.append("</svg>")
-    with open(path, "w") as f:
-        f.write("\n".join(out))
-
-
 def main(argv=None):
     cfg = Config()
     configure(cfg, sys.argv[1:] if argv is None else argv)
@@ -280,7 +257,9 @@ def main(argv=None):
     table = "\n".join(lines)
     with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
         f.write(table + "\n")
-    write_svg(curves, os.path.join(cfg.out_dir, "curves.svg"))
+    if curves:
+        write_svg([("held-out greedy accuracy during SFT", curves)], os.path.join(cfg.out_dir, "curves.svg"),
+                  cols=1, w=640, h=400, xlabel="fraction of SFT training")
     print(table)
     print(f"ablation: {time.time() - t_start:.0f}s; {results_path}, table.md, curves.svg in {cfg.out_dir}")
 

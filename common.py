@@ -446,7 +446,9 @@ def finish(raw, cfg, ddp, world, log, master, done, start, t0, script, then=""):
         print(f"stopped at step {done} of {cfg.max_iters}; checkpoint in {cfg.out_dir}. Continue with:\n"
               f"  python {script} --out_dir={cfg.out_dir} --init_from=resume")
     elif master:
-        print(f"done: {done - start} steps in {time.time() - t0:.1f}s; checkpoint and metrics.jsonl in {cfg.out_dir}"
+        drawn = os.path.exists(os.path.join(cfg.out_dir, "curves.svg"))
+        print(f"done: {done - start} steps in {time.time() - t0:.1f}s; checkpoint, metrics.jsonl"
+              f"{' and its curves.svg' if drawn else ''} in {cfg.out_dir}"
               + (f". Next:\n  {then}" if then else ""))
     if STOP["signal"] is not None:
         sys.exit(128 + STOP["signal"])

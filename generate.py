@@ -99,7 +99,7 @@ class Printer:
 
 def check_args(cfg):
     """Every argument, before any work: one line naming the bad one."""
-    if not cfg.prompt:
+    if not cfg.prompt.strip():
         raise ValueError('--prompt is empty: pass the question, e.g. --prompt "7+5-3"')
     if cfg.temperature < 0:
         raise ValueError(f"--temperature={cfg.temperature}: must be >= 0 (0 = greedy)")

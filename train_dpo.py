@@ -38,6 +38,7 @@ from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eva
                     lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
 from data import Trace, as_rule, completion_batch, layout
 from model import completion_logprobs
+from plot import write_run_curves
 from tasks import checkpoint_task, read_jsonl
 
 
@@ -290,6 +291,8 @@ def main(argv=None):
             bar.set_postfix(loss=f"{l:.4f}", margin=f"{rc - rr:.3f}", acc=f"{acc:.2f}")
         if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break
+    if master:
+        write_run_curves(cfg.out_dir)   # curves.svg beside metrics.jsonl
     finish(raw, cfg, ddp, world, log, master, done, start, t0, "train_dpo.py",
            then=f"python evaluate.py --ckpt={cfg.out_dir}   or   python generate.py --ckpt={cfg.out_dir} --prompt ...")
 

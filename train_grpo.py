@@ -34,6 +34,7 @@ from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eva
 from data import Trace, as_rule, collate, layout
 from decode import generate
 from model import GPT, action_logprobs, unwrap
+from plot import write_run_curves
 from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
 from tasks import checkpoint_task, prompt_ids
 
@@ -364,6 +365,8 @@ def main(argv=None):
                             tok_s=f"{m['rollout_tokens_per_s']:.0f}")
         if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break
+    if master:
+        write_run_curves(cfg.out_dir)   # curves.svg beside metrics.jsonl
     finish(raw, cfg, ddp, world, log, master, done, start, t0, "train_grpo.py",
            then=f"python evaluate.py --ckpt={cfg.out_dir}   or   python generate.py --ckpt={cfg.out_dir} --prompt ...")
 

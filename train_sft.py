@@ -27,6 +27,7 @@ from common import (all_reduce_sum, build_model, cli, end_step, grad_sync, eval_
                     lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
 from data import Curriculum, Prefetch, build_traces, collate, layout, pack, read_traces
 from model import sft_loss
+from plot import write_run_curves
 from tasks import get_task
 from tokenizer import get_tokenizer
 
@@ -233,6 +234,8 @@ def main(argv=None):
         if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break
     data.close()
+    if master:
+        write_run_curves(cfg.out_dir)   # curves.svg beside metrics.jsonl
     finish(raw, cfg, ddp, world, log, master, done, start, t0, "train_sft.py",
            then=f"python train_grpo.py --init_from={cfg.out_dir}   or   python generate.py --ckpt={cfg.out_dir} --prompt ...")
 

@@ -130,6 +130,7 @@ def test_later_stages_bad_arguments(ckpt, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--prompt="], ["--prompt"]),
     (["--prompt", ""], ["--prompt"]),
+    (["--prompt", "  "], ["--prompt"]),
     (["--prompt", "7+5", "--temperature=-1"], ["--temperature=-1"]),
     (["--prompt", "7+5", "--num_samples=0"], ["--num_samples=0"]),
     (["--prompt", "7+5", "--top_p=2"], ["--top_p=2"]),
