@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data import AUGMENTS, as_rule, count_backtracks
 from hf import copy_tokenizer_files, declared_eos_ids, has_tokenizer_files, padded_vocab, read_json
 from decode import generate, greedy_decodable
-from model import GPT, GPTConfig, init_bk_embedding, unwrap
+from model import GPT, GPTConfig, add_lora, init_bk_embedding, lora_modules, unwrap
 from reward import deletion_stats
 from tasks import prompt_ids, task_class
 from tokenizer import get_tokenizer, hf_tokenizer_ids
@@ -154,6 +154,11 @@ def start_run(cfg, argv, check=None):
     if cfg.init_from not in ("scratch", "resume") and not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
         raise SystemExit(f"error: --init_from={cfg.init_from}: no checkpoint there (no config.json); expected "
                          "scratch, resume or a checkpoint folder (train one first: python train_sft.py)")
+    has = read_json(os.path.join(cfg.init_from, "config.json")).get("config", {}).get("lora_rank", 0) \
+        if cfg.init_from not in ("scratch", "resume") else 0
+    if getattr(cfg, "lora_rank", 0) > 0 and has and has != cfg.lora_rank:
+        raise SystemExit(f"error: --lora_rank={cfg.lora_rank}: the starting checkpoint has rank-{has} adapters, "
+                         "which this stage trains on (leave --lora_rank out)")
     if cfg.init_from != "resume" and os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
         raise SystemExit(f"error: --out_dir={cfg.out_dir} already holds a run's checkpoint: continue it with "
                          "--init_from=resume, or choose another --out_dir")
@@ -193,6 +198,16 @@ def check_config(cfg):
     if getattr(cfg, "fsdp", False) and getattr(cfg, "embedding_only", False):
         raise SystemExit("error: --fsdp=True with --embedding_only=True: training one embedding row needs no sharding; "
                          "use DDP (leave --fsdp out)")
+    need(lambda v: v >= 0, "lora_rank", "must be >= 0 (0 = no adapters)")
+    need(lambda v: v > 0, "lora_alpha", "must be > 0")
+    need(lambda v: all(t.strip() in ("attn", "mlp") for t in v.split(",")) and v.strip(), "lora_targets",
+         "expected attn, mlp or attn,mlp")
+    if getattr(cfg, "lora_rank", 0) > 0 and getattr(cfg, "embedding_only", False):
+        raise SystemExit("error: --lora_rank with --embedding_only=True: LoRA trains the BK rows with its adapters "
+                         "already (--lora_bk=True, the default); leave --embedding_only out")
+    if getattr(cfg, "fsdp", False) and getattr(cfg, "lora_rank", 0) > 0 and getattr(cfg, "lora_bk", False):
+        raise SystemExit("error: --fsdp=True with --lora_bk=True: the BK rows' masked gradient needs whole tables; "
+                         "use DDP, or --lora_bk=False")
     need(lambda v: isinstance(v, bool) or v in ("", "on", "off"), "slot_bans", "expected on or off")
     need(lambda v: (isinstance(v, int) and v >= -1) or str(v) in ("", "none") or str(v).isdigit(), "max_retries",
          "expected a number of retries, or none")
@@ -323,29 +338,44 @@ def lr_at(it, cfg):
 
 
 def make_optimizer(model, cfg):
-    """AdamW; weight decay on matrices only. Embedding-only: just the embedding tables, no decay
-    (decay would shrink the frozen rows), with gradients masked to the backtrack row."""
+    """AdamW over the trainable parameters only; weight decay on matrices only. Embedding tables whose
+    gradients are masked to the backtrack row (embedding-only, LoRA with its BK rows) get no decay:
+    it would shrink the frozen rows."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.embedding_only:
-        groups = [dict(params=params, weight_decay=0.0)]
-    else:
-        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
-                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    masked = {id(model.transformer.wte.weight), id(model.lm_head.weight)} if bk_rows_only(model, cfg) else set()
+    groups = [dict(params=[p for p in params if p.dim() >= 2 and id(p) not in masked], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2 or id(p) in masked], weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              foreach=not cfg.device.startswith("cpu") or None)
 
 
-def freeze_all_but_bk(model, bk_id):
-    """Embedding-only training: everything frozen except the backtrack token's input/output rows."""
+def bk_rows_only(model, cfg):
+    """Whether the embedding tables train only in the backtrack token's rows (choose_trainable)."""
+    return cfg.embedding_only or (bool(lora_modules(unwrap(model))) and cfg.lora_bk)
+
+
+def choose_trainable(model, cfg, bk_id):
+    """Which parameters a stage trains, by its flags: all of them (the default); only the backtrack
+    token's input/output rows (--embedding_only); or LoRA adapters (--lora_rank, or the adapters
+    the starting checkpoint already has), with the BK rows too when --lora_bk (the token is new to
+    a Hugging Face model, and no adapter reaches its embedding). Everything else is frozen, so it
+    has no gradient and no optimizer state."""
     raw = unwrap(model)
+    if not lora_modules(raw) and cfg.lora_rank > 0:   # a rank that differs from the checkpoint's: start_run refused it
+        add_lora(raw, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    if not (cfg.embedding_only or lora_modules(raw)):
+        return
     for p in raw.parameters():
         p.requires_grad_(False)
-    tables = {id(raw.transformer.wte.weight): raw.transformer.wte.weight, id(raw.lm_head.weight): raw.lm_head.weight}
-    for W in tables.values():
-        W.requires_grad_(True)
-        keep = torch.zeros(W.shape[0], 1, device=W.device, dtype=W.dtype)
-        keep[bk_id] = 1.0
-        W.register_hook(lambda g, keep=keep: g * keep)
+    for _, lora in lora_modules(raw):
+        lora.requires_grad_(True)
+    if bk_rows_only(raw, cfg):
+        tables = {id(raw.transformer.wte.weight): raw.transformer.wte.weight, id(raw.lm_head.weight): raw.lm_head.weight}
+        for W in tables.values():
+            W.requires_grad_(True)
+            keep = torch.zeros(W.shape[0], 1, device=W.device, dtype=W.dtype)
+            keep[bk_id] = 1.0
+            W.register_hook(lambda g, keep=keep: g * keep)
 
 
 def restore(model, optimizer, cfg, resuming, master):

@@ -46,6 +46,10 @@ class GPTConfig:
     rope_scaling: dict = field(default_factory=dict)  # Llama-3 style: factor, low/high_freq_factor, original_max_position_embeddings
     qk_norm: bool = False          # RMSNorm on each head's q and k (Qwen3)
     tie_embeddings: bool = True
+    # LoRA adapters (add_lora): rank 0 = none. Recorded here so a checkpoint with adapters rebuilds them
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "attn,mlp"  # attn: the fused q/k/v and the output projection; mlp: its linears
     # tokenizer facts, recorded so a checkpoint is self-describing
     tokenizer: str = "byte"
     n_vocab: int = 258             # real tokens (ids < n_vocab); the rest of the table is padding
@@ -104,14 +108,38 @@ def apply_rope(x, cos, sin):
 
 
 def linear(m, x, cache=None):
-    """m(x) for an nn.Linear m; in CPU decoding, with the copy of its weight the cache carries
-    (KVCache.weights, made by decode.decode_weights): packed for oneDNN, or stored transposed."""
+    """m(x) for an nn.Linear m, plus its LoRA adapter's term when it has one; in CPU decoding, with
+    the copy of its weight the cache carries (KVCache.weights, made by decode.decode_weights):
+    packed for oneDNN, or stored transposed."""
     w = cache.weights.get(m) if cache is not None and cache.weights is not None else None
     if w is None:
-        return m(x)
-    if w.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, w, m.bias, "none", [], "")
-    return F.linear(x, w, m.bias)
+        y = m(x)
+    elif w.is_mkldnn:
+        y = torch.ops.mkldnn._linear_pointwise(x, w, m.bias, "none", [], "")
+    else:
+        y = F.linear(x, w, m.bias)
+    lora = m._modules.get("lora")   # a dict lookup, not getattr: this runs for every linear of every decode step
+    return y if lora is None else y + lora(x)
+
+
+class LoRA(nn.Module):
+    """A low-rank adapter beside a frozen linear (Hu et al. 2021): y += (alpha / rank) * B A x.
+    A starts as nn.Linear's own init, B at zero, so an adapted model starts exactly as its base.
+    Lives at `<linear>.lora` (add_lora) and is added by `linear`; merge_lora folds it in."""
+
+    def __init__(self, n_in, n_out, rank, alpha):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, n_in))
+        self.B = nn.Parameter(torch.zeros(n_out, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.A), self.B) * self.scale
+
+    def delta(self):
+        """The adapter as a weight update (n_out, n_in), in fp32."""
+        return (self.B.float() @ self.A.float()) * self.scale
 
 
 class Attention(nn.Module):
@@ -282,6 +310,8 @@ class GPT(nn.Module):
         for n, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
             if n.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.lora_rank > 0:   # a checkpoint trained with adapters: rebuild them, their values are loaded
+            add_lora(self, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
@@ -434,8 +464,67 @@ class GPT(nn.Module):
 
     def export_hf(self, path):
         """Write a Hugging Face folder (config.json + model.safetensors) that other tools open:
-        GPT-2 layout or Llama layout, by the config (hf.write_folder)."""
-        hf.write_folder(self.config, self.state_dict(), path)
+        GPT-2 layout or Llama layout, by the config (hf.write_folder). LoRA adapters are merged
+        into the weights they adapt; the model itself is left as it is."""
+        hf.write_folder(self.config, merged_state_dict(self), path)
+
+# -----------------------------------------------------------------------------
+# LoRA: adapters on the block linears, trained while the rest is frozen (common.choose_trainable)
+
+LORA_TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.gate_proj", "mlp.c_fc", "mlp.c_proj")}
+
+
+def lora_targets(targets):
+    """The names of the linears (inside a block) that `targets` ("attn", "mlp" or "attn,mlp") adapts."""
+    parts = [t.strip() for t in targets.split(",") if t.strip()]
+    if not parts or any(t not in LORA_TARGETS for t in parts):
+        raise ValueError(f"--lora_targets={targets}: expected attn, mlp or attn,mlp")
+    return [n for t in parts for n in LORA_TARGETS[t]]
+
+
+def add_lora(model, rank, alpha, targets):
+    """Give each target linear of every block a LoRA adapter (B = 0: the model's outputs do not change)
+    and record the settings in the config, so checkpoints rebuild them. Freezing is the caller's."""
+    names = lora_targets(targets)
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA adapters (merge_lora first to add others)")
+    if rank < 1:
+        raise ValueError(f"--lora_rank={rank}: must be at least 1")
+    for block in model.transformer.h:
+        for name in names:
+            parent, _, leaf = name.partition(".")
+            m = getattr(block.get_submodule(parent), leaf, None)
+            if m is not None:   # gate_proj exists under SwiGLU only
+                w = m.weight
+                m.lora = LoRA(m.in_features, m.out_features, rank, alpha).to(device=w.device, dtype=w.dtype)
+    model.config.lora_rank, model.config.lora_alpha, model.config.lora_targets = rank, alpha, targets
+    return model
+
+
+def lora_modules(model):
+    """(name, LoRA) of every adapter of the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRA)]
+
+
+def merged_state_dict(model):
+    """The state dict with each adapter folded into its linear's weight and the adapters' own
+    entries left out: the weights of the base model that computes what the adapted one does."""
+    sd = {k: v for k, v in model.state_dict().items() if ".lora." not in k}
+    for name, lora in lora_modules(model):
+        key = name[: -len("lora")] + "weight"
+        sd[key] = (sd[key].float() + lora.delta().to(sd[key].device)).to(sd[key].dtype)
+    return sd
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its weight, in place, and remove it: a plain model again."""
+    for name, lora in lora_modules(model):
+        m = model.get_submodule(name[: -len(".lora")])
+        m.weight.copy_((m.weight.float() + lora.delta()).to(m.weight.dtype))
+        del m.lora
+    model.config.lora_rank = 0
+    return model
 
 # -----------------------------------------------------------------------------
 # the backtrack token's embedding (research notes, section 3)

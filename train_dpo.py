@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eval_and_log, finish, freeze_all_but_bk, load_stage_model,
+from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eval_and_log, finish, choose_trainable, load_stage_model,
                     lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
 from data import Trace, as_rule, completion_batch, layout
 from model import completion_logprobs
@@ -70,6 +70,10 @@ class Config:
     beta2: float = 0.99
     grad_clip: float = 1.0
     embedding_only: bool = False      # train only the backtrack token's rows (research notes 5.4)
+    lora_rank: int = 0                # > 0: train LoRA adapters of this rank on a frozen model; a checkpoint with adapters trains them
+    lora_alpha: float = 16.0          # adapter scale alpha / rank
+    lora_targets: str = "attn,mlp"    # the block linears adapted: attn (fused q/k/v and output), mlp, or both
+    lora_bk: bool = True              # with adapters, also train the backtrack token's embedding rows
     # evaluation and logging
     eval_interval: int = 100
     eval_at_start: bool = True        # evaluate the initial checkpoint too (the 'before' numbers)
@@ -221,8 +225,7 @@ def main(argv=None):
             torch.save(ref, ref_file)  # GPT.save carries it into every later checkpoint folder
     ref_c, ref_r = ref["chosen"].to(device), ref["rejected"].to(device)
 
-    if cfg.embedding_only:
-        freeze_all_but_bk(model, tok.bk_id)
+    choose_trainable(model, cfg, tok.bk_id)   # all, the BK rows (--embedding_only), or LoRA adapters (--lora_rank)
     raw = model
     model = wrap(model, cfg, ddp)   # before the optimizer: FSDP replaces the parameters with shards
     optimizer = make_optimizer(raw, cfg)

@@ -22,18 +22,20 @@ generation stops a row there):
 Token loss: -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * KL_k3, with
 r = pi / pi_old; r == 1 unless a batch is reused for several passes (num_iterations > 1).
 """
+import contextlib
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
 
 import torch
 
-from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eval_and_log, finish, freeze_all_but_bk, load_stage_model, lr_at,
+from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eval_and_log, finish, choose_trainable, load_stage_model, lr_at,
                     make_optimizer, parse_kwargs, progress_bar, reduce_dict, restore, save_checkpoint, start_run, wrap)
 from data import Trace, as_rule, collate, layout
 from decode import generate
-from model import GPT, action_logprobs, unwrap
+from model import GPT, action_logprobs, lora_modules, unwrap
 from plot import write_run_curves
 from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
 from tasks import checkpoint_task, prompt_ids
@@ -90,6 +92,10 @@ class Config:
     beta2: float = 0.99
     grad_clip: float = 1.0
     embedding_only: bool = False     # train only the backtrack token's rows (research notes 5.4)
+    lora_rank: int = 0                # > 0: train LoRA adapters of this rank on a frozen model; a checkpoint with adapters trains them
+    lora_alpha: float = 16.0          # adapter scale alpha / rank
+    lora_targets: str = "attn,mlp"    # the block linears adapted: attn (fused q/k/v and output), mlp, or both
+    lora_bk: bool = True              # with adapters, also train the backtrack token's embedding rows
     # evaluation and logging
     eval_interval: int = 50
     eval_at_start: bool = True       # evaluate the initial checkpoint too (the 'before' numbers)
@@ -193,6 +199,44 @@ def rollout_logprobs(model, batch, cfg):
     temperature, top-k, top-p and bans (the bans travel in the layout)."""
     return action_logprobs(model, batch, cfg.temperature, cfg.top_k, cfg.top_p)
 
+
+class Reference:
+    """The KL's reference under LoRA, with no copy of the weights: the model's own frozen base with
+    the trainable tensors (the adapters, and the BK rows when they train) put back to their values
+    in the starting checkpoint while the block is entered (`with ref:`), and restored after it.
+    Adapters the checkpoint lacks (added by this stage) start at B = 0, so the reference is then
+    the base model itself. Read from the checkpoint file, not the live model, so a resumed run has
+    the same reference as the run it continues."""
+
+    def __init__(self, model, path, bk_id):
+        from safetensors import safe_open
+        self.saved = []   # (tensor, row or None, its starting value)
+        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+            have = set(f.keys())
+            for name, p in model.named_parameters():
+                if not p.requires_grad:
+                    continue
+                if name.endswith(("wte.weight", "lm_head.weight")):   # masked to the BK row (common.choose_trainable)
+                    key = name if name in have else "transformer.wte.weight"   # a tied head is saved as wte
+                    self.saved.append((p, bk_id, f.get_slice(key)[bk_id:bk_id + 1][0].to(p)))
+                elif name in have:
+                    self.saved.append((p, None, f.get_tensor(name).to(p)))
+                elif name.endswith(".lora.B"):
+                    self.saved.append((p, None, torch.zeros_like(p)))
+
+    @torch.no_grad()
+    def swap(self):
+        for p, row, v in self.saved:
+            cur = (p[row] if row is not None else p).clone()
+            (p[row] if row is not None else p).copy_(v)
+            v.copy_(cur)
+
+    def __enter__(self):
+        self.swap()
+
+    def __exit__(self, *exc):
+        self.swap()
+
 # -----------------------------------------------------------------------------
 
 
@@ -213,8 +257,7 @@ def main(argv=None):
     resuming = cfg.init_from == "resume"
     model, tok, init_meta = load_stage_model(cfg.out_dir if resuming else cfg.init_from, device, "GRPO", cfg.chat)
     cfg.chat = tok.chat   # saved with the run: what its prompts were
-    if cfg.embedding_only:
-        freeze_all_but_bk(model, tok.bk_id)
+    choose_trainable(model, cfg, tok.bk_id)   # all, the BK rows (--embedding_only), or LoRA adapters (--lora_rank)
     sft_path = init_meta.get("sft_checkpoint", cfg.init_from) if resuming else cfg.init_from
     task_name, task_kwargs, task = checkpoint_task(init_meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
@@ -224,7 +267,9 @@ def main(argv=None):
     optimizer = make_optimizer(raw, cfg)
     start, log = restore(raw, optimizer, cfg, resuming, master)
     ref = None
-    if cfg.beta > 0:  # the frozen initial model, for the KL term
+    if cfg.beta > 0 and lora_modules(raw):   # the initial model is the frozen base with the trainable tensors' first values
+        ref = Reference(raw, sft_path, tok.bk_id)
+    elif cfg.beta > 0:  # the frozen initial model, for the KL term
         ref = GPT.from_pretrained(sft_path, device=device)
         for p in ref.parameters():
             p.requires_grad_(False)
@@ -295,6 +340,9 @@ def main(argv=None):
                 sync = not ddp or k == len(batches) - 1
                 ctx = grad_sync(model, ddp, sync)
                 with ctx:
+                    if it == 0 and ref is not None:   # before the policy's forward: the LoRA reference swaps weights in place
+                        with torch.no_grad(), (ref if isinstance(ref, Reference) else contextlib.nullcontext()):
+                            ref_lp[k] = rollout_logprobs(raw if isinstance(ref, Reference) else ref, batch, cfg)
                     lp = rollout_logprobs(model, batch, cfg)
                     row = batch["act_row"] + s0
                     if it == 0:
@@ -306,9 +354,6 @@ def main(argv=None):
                             raise RuntimeError(f"recomputed log-probs differ from the rollout's by {err:.2e} "
                                                f"(step {step}): training and sampling distributions disagree")
                         old[k] = lp.detach()
-                        if ref is not None:
-                            with torch.no_grad():
-                                ref_lp[k] = rollout_logprobs(ref, batch, cfg)
                     a, w = adv.to(lp.device)[row], w_seq.to(lp.device)[row]
                     tok_loss, low, high = clipped_objective(lp, old[k], a, cfg.epsilon_low, cfg.epsilon_high)
                     if ref is not None:

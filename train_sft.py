@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (all_reduce_sum, build_model, cli, end_step, grad_sync, eval_and_log, finish, freeze_all_but_bk,
+from common import (all_reduce_sum, build_model, cli, end_step, grad_sync, eval_and_log, finish, choose_trainable,
                     lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
 from data import Curriculum, Prefetch, build_traces, collate, layout, pack, read_traces
 from model import sft_loss
@@ -74,6 +74,10 @@ class Config:
     beta2: float = 0.99
     grad_clip: float = 1.0
     embedding_only: bool = False     # train only the backtrack token's rows (research notes 5.4)
+    lora_rank: int = 0                # > 0: train LoRA adapters of this rank on a frozen model; a checkpoint with adapters trains them
+    lora_alpha: float = 16.0          # adapter scale alpha / rank
+    lora_targets: str = "attn,mlp"    # the block linears adapted: attn (fused q/k/v and output), mlp, or both
+    lora_bk: bool = True              # with adapters, also train the backtrack token's embedding rows
     # evaluation and logging
     eval_interval: int = 500
     evals: int = 0                   # > 0: evaluate this many times, evenly (overrides eval_interval)
@@ -171,8 +175,7 @@ def main(argv=None):
     extra = read_traces(cfg.traces_file, tok.n_vocab) if cfg.traces_file else None
     model, _ = build_model(cfg, tok, device)
     model.to(device)
-    if cfg.embedding_only:
-        freeze_all_but_bk(model, tok.bk_id)
+    choose_trainable(model, cfg, tok.bk_id)   # all, the BK rows (--embedding_only), or LoRA adapters (--lora_rank)
     raw = model
     model = wrap(model, cfg, ddp)   # before the optimizer: FSDP replaces the parameters with shards
     optimizer = make_optimizer(raw, cfg)

@@ -71,6 +71,11 @@ def ckpt(tmp_path_factory):
     (["--init_from=/no/such/checkpoint"], ["/no/such/checkpoint"]),
     (["--augment=dfs"], ["--augment=dfs", "arith"]),
     (["--task=sudoku", "--task_kwargs=min_blanks=30,max_blanks=20"], ["sudoku", "blanks"]),
+    (["--lora_rank=-1"], ["--lora_rank=-1"]),
+    (["--lora_rank=4", "--lora_targets=ffn"], ["--lora_targets=ffn"]),
+    (["--lora_rank=4", "--lora_alpha=0"], ["--lora_alpha=0"]),
+    (["--lora_rank=4", "--embedding_only=True"], ["--lora_rank", "--embedding_only"]),
+    (["--lora_rank=4", "--fsdp=True"], ["--fsdp", "--lora_bk"]),
 ])
 def test_train_sft_bad_arguments(ckpt, args, words):
     before = folder_hash(ckpt)
