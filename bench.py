@@ -22,6 +22,9 @@ runs them by section and prints the report.
    and the `rewind` tree layout (explicit (B, T, T) mask), MFU against a large matmul measured in
    this run, and the time data.layout/collate take per batch.
 5. gpu (CUDA only): training and rollout tokens/s and MFU of a random model shaped like Qwen2.5-0.5B.
+6. lora: trainable parameters, step time and peak memory of a LoRA SFT step against full fine-tuning
+   at the Qwen2.5-0.5B shape on this device's CPU, each in its own process; and on paper, the bytes
+   a step holds at the Qwen2.5-0.5B and Llama-3.1-8B shapes (weights, gradients, AdamW moments).
 
 $ python bench.py                                  # CPU fp32, about 8 minutes on 2 idle cores
 $ python bench.py --quick=True                     # smoke run, under a minute
@@ -40,8 +43,8 @@ import torch
 
 from common import configure
 from speed import (args, bench_batched, bench_decode, bench_large, bench_loss_head, bench_rewind, bench_rollout,
-                   bench_sft_data, bench_train, bench_vs_hf, gpt2_config, make_model, matmul_peak, qwen_config,
-                   tiny_config)
+                   bench_lora, bench_sft_data, bench_train, bench_vs_hf, gpt2_config, llama8b_config, lora_plan, make_model,
+                   matmul_peak, qwen_config, tiny_config)
 
 # -----------------------------------------------------------------------------
 # the table
@@ -217,6 +220,27 @@ def main(argv=None):
         record("gpu", f"{tag}: train MFU", 100 * r["train_mfu"], "%")
         record("gpu", f"{tag}: rollout {args.gpu_rollout_rows} rows x {args.gpu_rollout_tokens}", r["rollout_tps"], "tok/s")
         record("gpu", f"{tag}: rollout MFU", 100 * r["rollout_mfu"], "%")
+
+    # 6. LoRA against full fine-tuning
+    if "lora" in want:
+        cfg = tiny_config() if args.quick else qwen_config()
+        name = "tiny" if args.quick else "qwen2.5-0.5b"
+        r = bench_lora(cfg, args.lora_rank, args.lora_len, threads=args.threads)
+        tag = f"{name}, 1x{args.lora_len}, fp32"
+        for mode in ("full", "lora"):
+            what = "full fine-tuning" if mode == "full" else f"LoRA r={args.lora_rank} attn+mlp"
+            record("lora", f"{tag}, {what}: trainable", r[f"{mode}_trainable"] / 1e6, "M")
+            record("lora", f"{tag}, {what}: step", r[f"{mode}_step_s"], "s")
+            record("lora", f"{tag}, {what}: peak RSS", r[f"{mode}_peak_bytes"] / 2 ** 30, "GiB")
+        ratio = r["full_peak_bytes"] / r["lora_peak_bytes"]
+        # the target holds at the Qwen shape, where weights dominate; the quick run's tiny model is all torch overhead
+        record("lora", "peak memory, full / LoRA", ratio, "x", None if args.quick else ">= 2x", None if args.quick else ratio >= 2)
+        for name, cfg in (("qwen2.5-0.5b", qwen_config()), ("llama-3.1-8b", llama8b_config())):
+            p = lora_plan(cfg, args.lora_rank)
+            record("lora", f"{name} on paper: parameters", p["params"] / 1e9, "B")
+            record("lora", f"{name}: full fine-tuning, 16 B/param", p["full_bytes"] / 1e9, "GB")
+            record("lora", f"{name}: LoRA r={args.lora_rank}, {p['adapters'] / 1e6:.1f}M adapters", p["lora_bytes"] / 1e9, "GB")
+            record("lora", f"{name}: same, BK rows trained (--lora_bk)", p["lora_bk_bytes"] / 1e9, "GB")
 
     if "cuda" in args.device:
         record("memory", "peak CUDA memory allocated", torch.cuda.max_memory_allocated() / 2 ** 20, "MiB")

@@ -35,7 +35,7 @@ class Config:
                                      # threads stall at every barrier when a core is taken; --threads=1 (or
                                      # OMP_WAIT_POLICY=PASSIVE) keeps the ratios meaningful there
     out: str = ""                   # also write the figures as JSON here
-    sections: str = "decode,hf,rewind,batch,rollout,head,data,train,gpu"   # which sections to run
+    sections: str = "decode,hf,rewind,batch,rollout,head,data,train,gpu,lora"   # which sections to run
     # the default tiny model: the shape train_sft.py trains from scratch with the byte tokenizer, with
     # block_size raised from its 128 so that 256 new tokens fit (wpe's size costs no speed)
     n_layer: int = 4
@@ -71,6 +71,8 @@ class Config:
     train_iters: int = 4
     reps: int = 3                   # timings are the best of reps runs: contention on a shared machine only adds time
     matmul_n: int = 2048
+    lora_rank: int = 16             # the LoRA section's adapter rank
+    lora_len: int = 256             # tokens in its one training sequence
 
 
 args = Config()   # the run's settings; main() applies the command line to it
@@ -603,4 +605,89 @@ def bench_large(cfg, dev, ptdtype, batch=8, length=1024, rows=64, new_tokens=256
     # a decoded token: 2 FLOPs per weight, plus the attention over the ~16 + new_tokens / 2 slots
     per_token = 2 * model.num_params() + 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * (16 + new_tokens / 2)
     res["rollout_mfu"] = per_token * res["rollout_tps"] / peak if peak else 0.0
+    return res
+
+# -----------------------------------------------------------------------------
+# 6. LoRA against full fine-tuning: what trains, and what a step holds in memory
+
+
+def llama8b_config():
+    # Llama-3.1-8B's shape: 32 layers, GQA 32/8 heads, SwiGLU 14336, untied 128256-row tables
+    return GPTConfig(block_size=8192, vocab_size=128256, n_vocab=128256, eot_id=128009, bk_id=128255, n_layer=32,
+                     n_head=32, n_kv_head=8, n_embd=4096, n_inner=14336, bias=False, norm="rmsnorm", norm_eps=1e-5,
+                     mlp="swiglu", pos="rope", rope_theta=5e5, tie_embeddings=False)
+
+
+def lora_plan(cfg, rank, targets="attn,mlp"):
+    """Parameter counts of full fine-tuning and of LoRA at `rank` (with and without the BK rows'
+    tables), from a model built on the meta device (no memory), and the bytes a training step
+    holds for them as train_sft.py trains: fp32 weights, and for each trainable parameter an fp32
+    gradient and AdamW's two fp32 moments (16 bytes), a frozen one 4. Activations come on top."""
+    import dataclasses
+    from model import add_lora, lora_modules
+    with torch.device("meta"):
+        m = GPT(dataclasses.replace(cfg, lora_rank=0))   # add_lora records the rank on the model's config
+        total = sum(p.numel() for p in m.parameters())
+        add_lora(m, rank, 2.0 * rank, targets)
+    adapters = sum(p.numel() for _, l in lora_modules(m) for p in l.parameters())
+    tables = {id(m.transformer.wte.weight): m.transformer.wte.weight, id(m.lm_head.weight): m.lm_head.weight}
+    table = sum(t.numel() for t in tables.values())
+    res = dict(params=total, adapters=adapters, tables=table, full_bytes=16 * total,
+               lora_bytes=4 * total + 16 * adapters, lora_bk_bytes=4 * (total - table) + 16 * (adapters + table))
+    return res
+
+
+def _lora_step(job):
+    """Run in a child process (so its peak memory is its own): `steps` SFT steps of a random model on
+    one causal sequence, fully or through rank-`rank` adapters; prints trainable parameters, the
+    best step's seconds and the process's peak RSS as one JSON line."""
+    import json
+    import resource
+    from model import add_lora, lora_modules
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**job["cfg"], "lora_rank": 0})
+    model = GPT(cfg)
+    if job["lora"]:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        add_lora(model, job["rank"], 2.0 * job["rank"], "attn,mlp")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    T = job["length"]
+    ids = torch.randint(0, cfg.eot_id, (1, T))
+    lm = dict(ids=ids, pos=torch.arange(T).unsqueeze(0), mask=None, act_row=torch.zeros(T - 1, dtype=torch.long),
+              act_src=torch.arange(T - 1), tgt=ids[0, 1:], weight=torch.ones(T - 1),
+              ban_act=torch.zeros(0, dtype=torch.long), ban_tok=torch.zeros(0, dtype=torch.long))
+    times = []
+    for _ in range(job["steps"]):
+        t = time.perf_counter()
+        sft_loss(model, lm).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    assert job["lora"] == bool(lora_modules(model))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(trainable=sum(p.numel() for p in params), step_s=min(times[1:] or times), peak=peak)))
+
+
+def bench_lora(cfg, rank=16, length=256, steps=2, threads=0):
+    """Trainable parameters, step time and peak resident memory of a full fine-tuning step and of
+    a LoRA step on the same model shape, each in a fresh Python process started from this file's
+    folder (a fork would share the parent's pages, and multiprocessing's spawn re-imports the
+    caller's __main__). Peak RSS includes the ~0.3 GB torch itself takes."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+    res = {}
+    for mode in ("full", "lora"):
+        job = dict(cfg=dataclasses.asdict(cfg), rank=rank, length=length, steps=steps, lora=mode == "lora",
+                   threads=threads or torch.get_num_threads())
+        out = subprocess.run([sys.executable, "-c", "import json, sys, speed; speed._lora_step(json.loads(sys.argv[1]))",
+                              json.dumps(job)], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        res.update({f"{mode}_trainable": r["trainable"], f"{mode}_step_s": r["step_s"], f"{mode}_peak_bytes": r["peak"]})
     return res

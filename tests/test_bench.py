@@ -123,3 +123,14 @@ def test_report(tmp_path):
     figures = json.loads(out.read_text())["figures"]
     assert {f["section"] for f in figures} == {"decode", "rollout", "memory"}
     assert any(f["target"] == "<= 3%" and f["status"] in ("met", "MISSED") for f in figures)
+
+
+def test_lora_plan_and_step():
+    c = tiny()
+    p = speed.lora_plan(c, 4)
+    # rank 4 on c_attn (32 -> 96), attn.c_proj (32 -> 32), c_fc (32 -> 128), mlp.c_proj (128 -> 32)
+    assert p["adapters"] == 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    assert p["full_bytes"] == 16 * p["params"] and p["lora_bytes"] == 4 * p["params"] + 16 * p["adapters"]
+    r = speed.bench_lora(c, rank=4, length=16, steps=2, threads=1)
+    check(r)
+    assert r["lora_trainable"] == p["adapters"] and r["full_trainable"] == p["params"]
