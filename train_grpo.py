@@ -350,7 +350,12 @@ def main(argv=None):
                                            device=lp.device)
                         assert rec.shape == lp.shape, "layout actions do not match the sampled actions"
                         err = (lp.detach() - rec).abs().max().item() if rec.numel() else 0.0
-                        if not err <= 1e-4:  # invariant 4: the recompute scores what the sampler drew from
+                        # invariant 4: the recompute scores what the sampler drew from. The two paths run
+                        # different fp32 kernels (cached decoding with packed weights; one full forward):
+                        # on the default run the gap averages 1e-7 a token and reached 1.5e-4 at one token
+                        # in 22 steps, while a real disagreement (a wrong mask, temperature or ban) moves
+                        # log-probs by 1e-2 and more
+                        if not err <= 1e-3:
                             raise RuntimeError(f"recomputed log-probs differ from the rollout's by {err:.2e} "
                                                f"(step {step}): training and sampling distributions disagree")
                         old[k] = lp.detach()
