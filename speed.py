@@ -3,8 +3,14 @@ The measurements behind bench.py: each function times one thing against its base
 process, and returns the figures; bench.py runs them by section and prints the report with the
 targets. `args` holds the settings of a run (bench.py applies the command line to it).
 """
+import dataclasses
+import json
 import math
+import os
 import random
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -16,7 +22,7 @@ import torch.nn.functional as F
 from data import Prefetch, Trace, build_traces, collate, layout
 from hf import padded_vocab
 from decode import generate
-from model import GPT, GPTConfig, KVCache, sft_loss
+from model import GPT, GPTConfig, KVCache, add_lora, lora_modules, sft_loss
 from tasks import get_task
 from tokenizer import get_tokenizer
 
@@ -567,6 +573,16 @@ def qwen_config():
                      norm_eps=1e-6, mlp="swiglu", pos="rope", rope_theta=1e6, tie_embeddings=True)
 
 
+def causal_batch(cfg, B, T, dev="cpu"):
+    """A batch of B random sequences of T tokens in collate's format, every next token a target and
+    no bans: plain causal LM training, for the sections that time a step at a large shape."""
+    ids = torch.randint(0, cfg.eot_id, (B, T), device=dev)
+    act_row, act_src = torch.arange(B, device=dev).repeat_interleave(T - 1), torch.arange(T - 1, device=dev).repeat(B)
+    return dict(ids=ids, pos=torch.arange(T, device=dev).expand(B, T), mask=None, act_row=act_row, act_src=act_src,
+                tgt=ids[act_row, act_src + 1], weight=torch.ones(B * (T - 1), device=dev),
+                ban_act=torch.zeros(0, dtype=torch.long, device=dev), ban_tok=torch.zeros(0, dtype=torch.long, device=dev))
+
+
 def bench_large(cfg, dev, ptdtype, batch=8, length=1024, rows=64, new_tokens=256, iters=5, peak=None):
     """Training (causal LM loss through sft_loss, autocast to ptdtype, AdamW) and rollout (sampled
     generate under `rewind`, weights cast to ptdtype) tokens/s and MFU against `peak`, for a random
@@ -575,11 +591,7 @@ def bench_large(cfg, dev, ptdtype, batch=8, length=1024, rows=64, new_tokens=256
     model = GPT(cfg).to(dev)
     dt = str(dev).split(":")[0]
     B, T = batch, length
-    ids = torch.randint(0, cfg.eot_id, (B, T), device=dev)
-    act_row, act_src = torch.arange(B, device=dev).repeat_interleave(T - 1), torch.arange(T - 1, device=dev).repeat(B)
-    lm = dict(ids=ids, pos=torch.arange(T, device=dev).expand(B, T), mask=None, act_row=act_row, act_src=act_src,
-              tgt=ids[act_row, act_src + 1], weight=torch.ones(B * (T - 1), device=dev),
-              ban_act=torch.zeros(0, dtype=torch.long, device=dev), ban_tok=torch.zeros(0, dtype=torch.long, device=dev))
+    lm = causal_batch(cfg, B, T, dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=dt, dtype=ptdtype)
 
@@ -623,8 +635,6 @@ def lora_plan(cfg, rank, targets="attn,mlp"):
     tables), from a model built on the meta device (no memory), and the bytes a training step
     holds for them as train_sft.py trains: fp32 weights, and for each trainable parameter an fp32
     gradient and AdamW's two fp32 moments (16 bytes), a frozen one 4. Activations come on top."""
-    import dataclasses
-    from model import add_lora, lora_modules
     with torch.device("meta"):
         m = GPT(dataclasses.replace(cfg, lora_rank=0))   # add_lora records the rank on the model's config
         total = sum(p.numel() for p in m.parameters())
@@ -632,18 +642,14 @@ def lora_plan(cfg, rank, targets="attn,mlp"):
     adapters = sum(p.numel() for _, l in lora_modules(m) for p in l.parameters())
     tables = {id(m.transformer.wte.weight): m.transformer.wte.weight, id(m.lm_head.weight): m.lm_head.weight}
     table = sum(t.numel() for t in tables.values())
-    res = dict(params=total, adapters=adapters, tables=table, full_bytes=16 * total,
-               lora_bytes=4 * total + 16 * adapters, lora_bk_bytes=4 * (total - table) + 16 * (adapters + table))
-    return res
+    return dict(params=total, adapters=adapters, tables=table, full_bytes=16 * total,
+                lora_bytes=4 * total + 16 * adapters, lora_bk_bytes=4 * (total - table) + 16 * (adapters + table))
 
 
 def _lora_step(job):
     """Run in a child process (so its peak memory is its own): `steps` SFT steps of a random model on
     one causal sequence, fully or through rank-`rank` adapters; prints trainable parameters, the
     best step's seconds and the process's peak RSS as one JSON line."""
-    import json
-    import resource
-    from model import add_lora, lora_modules
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
     cfg = GPTConfig(**{**job["cfg"], "lora_rank": 0})
@@ -654,21 +660,18 @@ def _lora_step(job):
         add_lora(model, job["rank"], 2.0 * job["rank"], "attn,mlp")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    T = job["length"]
-    ids = torch.randint(0, cfg.eot_id, (1, T))
-    lm = dict(ids=ids, pos=torch.arange(T).unsqueeze(0), mask=None, act_row=torch.zeros(T - 1, dtype=torch.long),
-              act_src=torch.arange(T - 1), tgt=ids[0, 1:], weight=torch.ones(T - 1),
-              ban_act=torch.zeros(0, dtype=torch.long), ban_tok=torch.zeros(0, dtype=torch.long))
-    times = []
-    for _ in range(job["steps"]):
-        t = time.perf_counter()
+    lm = causal_batch(cfg, 1, job["length"])
+
+    def step():
         sft_loss(model, lm).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
+
+    step()   # the first step allocates AdamW's moments; the timed ones reuse them
+    t = best_of(step, job["steps"] - 1)
     assert job["lora"] == bool(lora_modules(model))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(dict(trainable=sum(p.numel() for p in params), step_s=min(times[1:] or times), peak=peak)))
+    print(json.dumps(dict(trainable=sum(p.numel() for p in params), step_s=t, peak=peak)))
 
 
 def bench_lora(cfg, rank=16, length=256, steps=2, threads=0):
@@ -676,11 +679,6 @@ def bench_lora(cfg, rank=16, length=256, steps=2, threads=0):
     a LoRA step on the same model shape, each in a fresh Python process started from this file's
     folder (a fork would share the parent's pages, and multiprocessing's spawn re-imports the
     caller's __main__). Peak RSS includes the ~0.3 GB torch itself takes."""
-    import dataclasses
-    import json
-    import os
-    import subprocess
-    import sys
     res = {}
     for mode in ("full", "lora"):
         job = dict(cfg=dataclasses.asdict(cfg), rank=rank, length=length, steps=steps, lora=mode == "lora",
