@@ -25,6 +25,10 @@ runs them by section and prints the report.
 6. lora: trainable parameters, step time and peak memory of a LoRA SFT step against full fine-tuning
    at the Qwen2.5-0.5B shape on this device's CPU, each in its own process; and on paper, the bytes
    a step holds at the Qwen2.5-0.5B and Llama-3.1-8B shapes (weights, gradients, AdamW moments).
+7. trl: a step of train_sft.py, train_grpo.py and train_dpo.py against TRL's SFTTrainer, GRPOTrainer
+   and DPOTrainer on the same model, data, batch and settings (vs_trl.py says how the work is made
+   equal), each side's real loop in its own process, and where each side's step goes. TRL is an
+   optional dependency: pip install -r requirements-bench.txt (without it the section is skipped).
 
 $ python bench.py                                  # CPU fp32, about 8 minutes on 2 idle cores
 $ python bench.py --quick=True                     # smoke run, under a minute
@@ -42,6 +46,7 @@ from dataclasses import asdict
 import torch
 
 from common import configure
+from vs_trl import bench_trl, trl_version
 from speed import (args, bench_batched, bench_decode, bench_large, bench_loss_head, bench_rewind, bench_rollout,
                    bench_lora, bench_sft_data, bench_train, bench_vs_hf, gpt2_config, llama8b_config, lora_plan, make_model,
                    matmul_peak, qwen_config, tiny_config)
@@ -82,6 +87,7 @@ def main(argv=None):
         args.new_tokens, args.n_rewinds, args.train_batch, args.train_iters, args.reps = 64, 2000, 8, 2, 1
         args.gpt2_small, args.matmul_n = False, 1024
         args.hf_tokens, args.rollout_tokens, args.head_actions, args.sft_steps = 32, 16, 64, 4
+        args.trl_steps, args.trl_grpo_steps = 4, 3
     if args.threads:
         torch.set_num_threads(args.threads)
     if "cuda" in args.device:
@@ -241,6 +247,30 @@ def main(argv=None):
             record("lora", f"{name}: full fine-tuning, 16 B/param", p["full_bytes"] / 1e9, "GB")
             record("lora", f"{name}: LoRA r={args.lora_rank}, {p['adapters'] / 1e6:.1f}M adapters", p["lora_bytes"] / 1e9, "GB")
             record("lora", f"{name}: same, BK rows trained (--lora_bk)", p["lora_bk_bytes"] / 1e9, "GB")
+
+    # 7. against TRL's trainers, on the CPU (the figures compare the loops, not the devices)
+    if "trl" in want and trl_version() is None:
+        print("  trl     skipped: TRL is not installed (pip install -r requirements-bench.txt)")
+    elif "trl" in want:
+        r = bench_trl(args.trl_steps, args.trl_grpo_steps, threads=args.threads)
+        what = dict(sft="SFT step, 32 traces", grpo="iteration, 16 x 8 rollouts", dpo="DPO step, 16 pairs")
+        for stage, res in r.items():
+            ours, theirs = res["ours"], res["trl"]
+            record("trl", f"{stage}: ours, {what[stage]}", ours["step_s"] * 1e3, "ms")
+            record("trl", f"{stage}: TRL {trl_version()}, same", theirs["step_s"] * 1e3, "ms")
+            record("trl", f"{stage}:   TRL forward + backward (+ generation)", theirs["forward_backward_s"] * 1e3, "ms")
+            record("trl", f"{stage}:   TRL optimizer step", theirs["optimizer_s"] * 1e3, "ms")
+            record("trl", f"{stage}:   TRL outside the step (data, logging)", theirs["outside_s"] * 1e3, "ms")
+            if stage == "sft":   # the models alone, on one batch, in one process
+                record("trl", "sft:   our model alone: forward + backward", theirs["bare_ours_s"] * 1e3, "ms")
+                record("trl", "sft:   the Hugging Face model alone, same batch", theirs["bare_hf_s"] * 1e3, "ms")
+                record("trl", "sft:   their losses differ by", abs(theirs["bare_ours_loss"] - theirs["bare_hf_loss"]), "")
+            if stage == "grpo":
+                for side, x in (("ours", ours), ("TRL", theirs)):
+                    record("trl", f"grpo:   {side}: generating + scoring", x["generate_s"] * 1e3, "ms")
+                    record("trl", f"grpo:   {side}: tokens generated", x["tokens"], "tok")
+            ratio = theirs["step_s"] / ours["step_s"]
+            record("trl", f"{stage}: TRL / ours, step time", ratio, "x", ">= 1x", ratio >= 1)
 
     if "cuda" in args.device:
         record("memory", "peak CUDA memory allocated", torch.cuda.max_memory_allocated() / 2 ** 20, "MiB")

@@ -41,7 +41,7 @@ class Config:
                                      # threads stall at every barrier when a core is taken; --threads=1 (or
                                      # OMP_WAIT_POLICY=PASSIVE) keeps the ratios meaningful there
     out: str = ""                   # also write the figures as JSON here
-    sections: str = "decode,hf,rewind,batch,rollout,head,data,train,gpu,lora"   # which sections to run
+    sections: str = "decode,hf,rewind,batch,rollout,head,data,train,gpu,lora,trl"   # which sections to run
     # the default tiny model: the shape train_sft.py trains from scratch with the byte tokenizer, with
     # block_size raised from its 128 so that 256 new tokens fit (wpe's size costs no speed)
     n_layer: int = 4
@@ -79,6 +79,8 @@ class Config:
     matmul_n: int = 2048
     lora_rank: int = 16             # the LoRA section's adapter rank
     lora_len: int = 256             # tokens in its one training sequence
+    trl_steps: int = 12             # steps of each side's SFT and DPO loop against TRL (the first two are not timed)
+    trl_grpo_steps: int = 6         # the same for GRPO, whose iterations take seconds
 
 
 args = Config()   # the run's settings; main() applies the command line to it

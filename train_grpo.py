@@ -406,7 +406,8 @@ def main(argv=None):
                      bk_fixed=s["fixed"] / n, bk_failed=s["failed"] / n, bk_unnecessary=s["unnecessary"] / n,
                      acc=s["acc"] / n, clip_low=s["clip_low"] / ntok, clip_high=s["clip_high"] / ntok,
                      clip_region=(s["clip_low"] + s["clip_high"]) / ntok, kl=s["kl"] / ntok,
-                     rollout_tokens_per_s=gen_tokens * world / max(gen_time, 1e-9), elapsed_s=time.time() - t0)
+                     rollout_tokens_per_s=gen_tokens * world / max(gen_time, 1e-9), rollout_s=gen_time,
+                     elapsed_s=time.time() - t0)
             for k in COMPONENTS:
                 m[f"reward/{k}_mean"] = s[k] / n
                 m[f"reward/{k}_std"] = std(k)

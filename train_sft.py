@@ -232,7 +232,8 @@ def main(argv=None):
         done = step + 1
         if master and (step % cfg.log_interval == 0 or done == cfg.max_iters):
             dt = time.time() - t0
-            log(step=step, loss=loss_sum.item(), lr=lr, max_backtracks=max_bk, tokens_per_s=tokens * world / max(dt, 1e-9))
+            log(step=step, loss=loss_sum.item(), lr=lr, max_backtracks=max_bk, tokens_per_s=tokens * world / max(dt, 1e-9),
+                elapsed_s=dt)
             bar.set_postfix(loss=f"{loss_sum.item():.4f}", tok_s=f"{tokens * world / max(dt, 1e-9):.0f}")
         if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break

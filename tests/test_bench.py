@@ -134,3 +134,39 @@ def test_lora_plan_and_step():
     r = speed.bench_lora(c, rank=4, length=16, steps=2, threads=1)
     check(r)
     assert r["lora_trainable"] == p["adapters"] and r["full_trainable"] == p["params"]
+
+
+def test_trl_comparison_setup_and_our_side(tmp_path):
+    """The section against TRL (vs_trl.py) without TRL installed: the shared starting point, the
+    labels TRL trains on, which must be our `keep` objective (the Hugging Face model's own loss on them
+    equals ours on the same traces), and our three loops timed from their metrics logs."""
+    import transformers
+    import vs_trl
+    from data import collate, layout
+    from model import GPT, sft_loss
+    d = str(tmp_path)
+    vs_trl.write_setup(d, n_traces=48, n_pairs=32)
+    lines = [json.loads(line) for line in open(tmp_path / "traces.jsonl")]
+    examples = [vs_trl.trl_labels(t, 257) for t in lines]
+    masked = 0
+    for t, ex in zip(lines, examples):
+        assert ex["input_ids"] == t["prompt"] + t["response"] and len(ex["labels"]) == len(ex["input_ids"])
+        assert all(y in (-100, x) for x, y in zip(ex["input_ids"], ex["labels"]))
+        masked += sum(y == -100 for y in ex["labels"][len(t["prompt"]):])
+    assert masked > 0   # error tokens carry no loss on TRL's side either
+    # the same loss: TRL's batch shape (right-padded, -100 beyond each row) through transformers. Equal up
+    # to the bans: ours renormalises over what decoding may draw (no BK on an empty response), TRL cannot
+    T = max(len(ex["input_ids"]) for ex in examples)
+    pad = lambda xs, v: [x + [v] * (T - len(x)) for x in xs]
+    ids = torch.tensor(pad([ex["input_ids"] for ex in examples], 256))
+    labels = torch.tensor(pad([ex["labels"] for ex in examples], -100))
+    mask = torch.tensor(pad([[1] * len(ex["input_ids"]) for ex in examples], 0))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ours = GPT.from_pretrained(str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+        mine = sft_loss(ours, collate([layout(Trace(t["prompt"], t["response"]), 257, "keep") for t in lines])).item()
+    assert abs(theirs - mine) < 1e-3 * mine
+    for stage in ("sft", "grpo", "dpo"):
+        r = vs_trl.run_ours(d, stage, 3, threads=1)
+        check(r)
