@@ -361,6 +361,8 @@ def choose_trainable(model, cfg, bk_id):
     a Hugging Face model, and no adapter reaches its embedding). Everything else is frozen, so it
     has no gradient and no optimizer state."""
     raw = unwrap(model)
+    if raw.verifier is not None:   # the verifier head trains only in a stage that gives it a loss (SFT's --verifier_weight)
+        raw.verifier.requires_grad_(getattr(cfg, "verifier_weight", 0.0) > 0)
     if not lora_modules(raw) and cfg.lora_rank > 0:   # a rank that differs from the checkpoint's: start_run refused it
         add_lora(raw, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if not (cfg.embedding_only or lora_modules(raw)):
@@ -369,6 +371,8 @@ def choose_trainable(model, cfg, bk_id):
         p.requires_grad_(False)
     for _, lora in lora_modules(raw):
         lora.requires_grad_(True)
+    if raw.verifier is not None and getattr(cfg, "verifier_weight", 0.0) > 0:
+        raw.verifier.requires_grad_(True)
     if bk_rows_only(raw, cfg):
         tables = {id(raw.transformer.wte.weight): raw.transformer.wte.weight, id(raw.lm_head.weight): raw.lm_head.weight}
         for W in tables.values():
@@ -599,11 +603,13 @@ def load_stage_model(path, device, stage, chat=True):
 
 @torch.no_grad()
 def evaluate(model, tok, task, problems, rule="rewind", temperature=0.0, top_k=0, top_p=1.0,
-             max_new_tokens=128, max_backtracks=None, batch_size=64, seed=0, progress=False, pop_below=0.0):
+             max_new_tokens=128, max_backtracks=None, batch_size=64, seed=0, progress=False, pop_below=0.0,
+             trigger=0.0):
     """Generate one completion per problem under the decoding rule (data.as_rule), stopping at any of
     the tokenizer's stop ids, and score it on its resolved text with the task's verifier (acc) and
     its extra checks (task.scores: <name>_acc). Prompts come from tasks.prompt_ids (chat-rendered
-    when tok.chat). pop_below: decode.generate's way out of a search. Returns (metrics dict,
+    when tok.chat). pop_below: decode.generate's way out of a search; trigger: its verifier-triggered
+    backtracks. Returns (metrics dict,
     per-sample records)."""
     was_training = model.training
     model.eval()
@@ -615,7 +621,7 @@ def evaluate(model, tok, task, problems, rule="rewind", temperature=0.0, top_k=0
         prompts = [prompt_ids(tok, task, p) for p in batch]
         outs = generate(model, prompts, max_new_tokens=max_new_tokens, **as_rule(rule), temperature=temperature,
                         top_k=top_k, top_p=top_p, max_backtracks=max_backtracks, seed=seed + i, stop_ids=tok.stop_ids,
-                        pop_below=pop_below)
+                        pop_below=pop_below, trigger=trigger)
         for p, o in zip(batch, outs):
             text = tok.decode([t for t in o["resolved"] if t not in stops])
             n_bk = count_backtracks(o["response"], tok.bk_id)

@@ -132,9 +132,13 @@ def layout(trace, bk_id, policy="keep", mask_errors=True, max_backtracks=None, t
     pos = list(range(len(P)))
     parent = list(range(-1, len(P) - 1))
     src, tgt, weight, bans = [], [], [], []
+    # per action, the verifier head's target: is the last surviving response token an ERROR (1.0),
+    # a FINAL one (0.0), or is there none yet (-1.0, not scored)? Read off the stack, so it is the
+    # same under both policies
+    wrong, role_of = [], {}
     if train_prompt:  # optional language-model loss on the prompt itself
         for i in range(1, len(P)):
-            src.append(i - 1); tgt.append(P[i]); weight.append(1.0); bans.append(())
+            src.append(i - 1); tgt.append(P[i]); weight.append(1.0); bans.append(()); wrong.append(-1.0)
     stack = []          # node indices of the surviving response tokens
     ban = {}            # rewind: node index -> tokens deleted at that slot
     retries = {}        # stack depth -> deletions there since the token below it was written
@@ -149,6 +153,7 @@ def layout(trace, bk_id, policy="keep", mask_errors=True, max_backtracks=None, t
         tgt.append(t)
         weight.append(0.0 if (role == ERROR and mask_errors) else 1.0)
         bans.append(tuple(sorted(b)))
+        wrong.append(float(role_of[stack[-1]] == ERROR) if stack else -1.0)
         if t == bk_id:
             n_bk += 1
             if policy == "keep":
@@ -167,9 +172,10 @@ def layout(trace, bk_id, policy="keep", mask_errors=True, max_backtracks=None, t
                 parent.append(top); pos.append(len(P) + len(stack))
             ids.append(t)
             stack.append(len(ids) - 1)
+            role_of[len(ids) - 1] = role
     if len(ids) > len(P) and (not src or src[-1] != len(ids) - 1) and len(ids) - 1 not in set(src):
         ids.pop(); pos.pop(); parent.pop()   # the last token written never acts: no need to feed it
-    return dict(ids=ids, pos=pos, parent=parent, src=src, tgt=tgt, weight=weight, bans=bans)
+    return dict(ids=ids, pos=pos, parent=parent, src=src, tgt=tgt, weight=weight, bans=bans, wrong=wrong)
 
 
 def completion_batch(traces, starts, bk_id, rule, max_backtracks=None, device="cpu"):
@@ -223,13 +229,13 @@ def pack(layouts, max_len):
         if n > max_len:
             raise ValueError(f"a trace of {n} tokens does not fit block_size={max_len}")
         if cur is None or len(cur["ids"]) + n > max_len:
-            cur = dict(ids=[], pos=[], parent=[], src=[], tgt=[], weight=[], bans=[])
+            cur = dict(ids=[], pos=[], parent=[], src=[], tgt=[], weight=[], bans=[], wrong=[])
             rows.append(cur)
         off = len(cur["ids"])
         cur["ids"] += L["ids"]; cur["pos"] += L["pos"]
         cur["parent"] += [p + off if p >= 0 else -1 for p in L["parent"]]
         cur["src"] += [s + off for s in L["src"]]
-        cur["tgt"] += L["tgt"]; cur["weight"] += L["weight"]; cur["bans"] += L["bans"]
+        cur["tgt"] += L["tgt"]; cur["weight"] += L["weight"]; cur["bans"] += L["bans"]; cur["wrong"] += L["wrong"]
     return rows
 
 
@@ -265,6 +271,7 @@ def collate(layouts, pad_id=0, device="cpu"):
                 act_row=torch.repeat_interleave(torch.arange(B), long(n_act)).to(device),
                 act_src=long(flat("src")).to(device), tgt=long(flat("tgt")).to(device),
                 weight=torch.tensor(flat("weight"), dtype=torch.float32, device=device),
+                wrong=torch.tensor(flat("wrong"), dtype=torch.float32, device=device),
                 ban_act=torch.repeat_interleave(torch.arange(len(bans)), long([len(b) for b in bans])).to(device),
                 ban_tok=long([t for b in bans for t in b]).to(device), n_tokens=sum(lens))
 

@@ -97,7 +97,7 @@ def greedy_decodable(policy="rewind", slot_bans=True, max_retries=None):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.0, top_k=0, top_p=1.0,
              max_backtracks=None, seed=None, stop_at_eot=True, on_step=None, force=None, return_logits=False,
-             device=None, slot_bans=True, max_retries=None, stop_ids=None, pop_below=0.0):
+             device=None, slot_bans=True, max_retries=None, stop_ids=None, pop_below=0.0, trigger=0.0):
     """Sample a response for each prompt (list of id lists), all rows in one cache.
 
     policy 'keep': BK is appended like any token. policy 'rewind': BK frees the top slot in place
@@ -116,12 +116,18 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     tokens still allowed, BK aside, hold less than this share of the model's own (unbanned)
     distribution, i.e. every value it likes is banned at this slot, the action is BK (when BK is
     allowed). Its log-prob is BK's under the banned distribution. 0 = off.
+    trigger: with a verifier head (model.add_verifier), the action is BK wherever the head's
+    probability that the last surviving token is wrong exceeds trigger and BK is allowed (the same
+    bans and caps); its log-prob is BK's under the banned distribution, as for pop_below. 0 = off.
+    A model with a verifier head also returns, per row, `verifier`: that probability at each action.
 
     The bookkeeping (stacks, bans, retry counts, caps, finished rows) lives in tensors and is
     updated for all rows at once: no per-row Python and no per-row device sync in the loop.
     """
     if policy not in ("keep", "rewind"):
         raise ValueError(f"unknown policy {policy!r}: expected 'keep' or 'rewind'")
+    if trigger > 0 and getattr(model, "verifier", None) is None:
+        raise ValueError("trigger needs a model with a verifier head (train_sft.py --verifier_weight > 0)")
     if not greedy_decodable(policy, slot_bans, max_retries) and not (temperature and temperature > 0) and force is None:
         raise ValueError("greedy `rewind` decoding needs slot bans or a retry limit: a rewound state equals an "
                          "earlier one, so greedy decoding would loop (docs/backtrack-semantics.md §4)")
@@ -188,7 +194,8 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     ban_tok[rows, plen, S - 1] = bk
     deleted_up, ban_up = deleted[:, 1:], ban_tok[:, 1:]   # views: indexed at d, they reach position d + 1
     live = force_len > 0 if force is not None else torch.ones(B, dtype=torch.bool, device=device)
-    actions, logprobs, alive, kept_logits = [], [], [], []
+    actions, logprobs, alive, kept_logits, verdicts = [], [], [], [], []
+    verifier = getattr(model, "verifier", None)
     # The bans are written as -inf straight into a float copy of the logits, entry by entry (no
     # (B, V) ban matrix). Column V is a spare that unused ban slots point at; it and the padding
     # columns (ids >= n_vocab) are set to -inf once, and each step copies in only the real ones.
@@ -209,7 +216,8 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         length = top if rewind else plen + step
         if capped:   # (a row that finished at the cap goes on from its last slot)
             length = length.clamp(max=max_len)
-        logits = linear(model.lm_head, cache.h[rows, length], cache)   # (B, V)
+        h = cache.h[rows, length]
+        logits = linear(model.lm_head, h, cache)   # (B, V)
         real.copy_(logits[:, :NV])
         banned.scatter_(1, ban_tok[rows, top], -inf)
         # BK is also banned once max_backtracks are spent, and on a token already deleted and
@@ -230,6 +238,11 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
         if pop_below > 0 and force is None:   # computed before shape_logits, which may write into banned
             liked = logits[:, :NV].float().softmax(-1).masked_fill(torch.isneginf(real), 0.0)
             out_of_values = (liked.sum(-1) - liked[:, bk] < pop_below) & ~torch.isneginf(bk_col)
+        if verifier is not None:   # the head reads the hidden state the next token's logits come from
+            p_wrong = torch.sigmoid(linear(verifier, h, cache).squeeze(-1).float())
+            verdicts.append(p_wrong)
+            if trigger > 0 and force is None:
+                fire = (p_wrong > trigger) & ~torch.isneginf(bk_col)
         lp = shape_logits(banned, temperature, top_k, top_p)
         if force is not None:
             nxt = forced[:, step] if step < forced.shape[1] else torch.zeros_like(top)
@@ -239,6 +252,8 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
             nxt = lp.argmax(-1)
         if pop_below > 0 and force is None:
             nxt = torch.where(out_of_values, bk, nxt)
+        if trigger > 0 and force is None:
+            nxt = torch.where(fire, bk, nxt)
         actions.append(nxt); logprobs.append(lp[rows, nxt]); alive.append(live)
         if return_logits:
             kept_logits.append(logits)
@@ -299,11 +314,14 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     A = torch.stack(actions, 1).tolist() if actions else [[] for _ in range(B)]
     L = torch.stack(logprobs, 1).tolist() if actions else [[] for _ in range(B)]
     M = torch.stack(alive, 1).tolist() if actions else [[] for _ in range(B)]
+    P = torch.stack(verdicts, 1).tolist() if verdicts else None
     out = []
     for b in range(B):
         keep = [i for i, a in enumerate(M[b]) if a]
         response = [A[b][i] for i in keep]
         o = dict(response=response, logprobs=[L[b][i] for i in keep], resolved=resolve(response, bk))
         o["logits"] = [kept_logits[i][b] for i in keep] if return_logits else []
+        if P is not None:
+            o["verifier"] = [P[b][i] for i in keep]
         out.append(o)
     return out

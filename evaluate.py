@@ -39,6 +39,7 @@ class Config:
     max_backtracks: int = -1         # cap per sample; -1 = none
     oracle_search: bool = False      # also a depth-first search: the model proposes, the task's rule checker verifies (sudoku)
     pop_below: float = 0.0           # > 0: BK where the allowed tokens hold less than this share of the model's mass (decode.generate)
+    trigger: float = 0.0             # > 0: BK where the verifier head's probability that the last token is wrong exceeds this
     seed: int = 0
     device: str = "cpu"
     out: str = ""                    # JSON file for the metrics; "" = <ckpt>/eval.json
@@ -124,11 +125,15 @@ def main(argv=None):
         raise ValueError(f"--temperature={cfg.temperature}: must be >= 0 (0 = greedy)")
     if not 0 <= cfg.pop_below < 1:
         raise ValueError(f"--pop_below={cfg.pop_below}: a share of probability in [0, 1)")
+    if not 0 <= cfg.trigger < 1:
+        raise ValueError(f"--trigger={cfg.trigger}: a probability in [0, 1) (0 = off)")
     if cfg.samples < 1 or (cfg.samples > 1 and cfg.temperature == 0):
         raise ValueError(f"--samples={cfg.samples}: at least 1, and several need --temperature > 0")
     decoding_rule(cfg, {})   # checks the flags before any work
     model, tok = load_model(cfg.ckpt, device=cfg.device, chat=cfg.chat)
     meta = model.meta
+    if cfg.trigger > 0 and model.verifier is None:
+        raise ValueError(f"--trigger: {cfg.ckpt} has no verifier head (train one with train_sft.py --verifier_weight=1)")
     name, task_kwargs, task = checkpoint_task(meta, cfg.task, parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
     if cfg.oracle_search and not hasattr(task, "allowed_next"):
         raise ValueError(f"--oracle_search: task {name!r} has no rule checker (allowed_next); sudoku has one")
@@ -146,12 +151,12 @@ def main(argv=None):
     prompts = [prompt_ids(tok, task, p) for p in problems]
     for label, T in passes:
         m, records = evaluate(model, tok, task, problems, rule, T, max_new_tokens=max_new_tokens, max_backtracks=cap,
-                              seed=cfg.seed, progress=True, pop_below=cfg.pop_below)
+                              seed=cfg.seed, progress=True, pop_below=cfg.pop_below, trigger=cfg.trigger)
         result[label] = dict(m, flops_per_problem=forward_flops(model, prompts, records, rule["policy"]))
     if cfg.samples > 1:
         _, records = evaluate(model, tok, task, [p for p in problems for _ in range(cfg.samples)], rule,
                               cfg.temperature, max_new_tokens=max_new_tokens, max_backtracks=cap, seed=cfg.seed + 1,
-                              progress=True, pop_below=cfg.pop_below)
+                              progress=True, pop_below=cfg.pop_below, trigger=cfg.trigger)
         result[f"vote@{cfg.samples}"] = dict(vote(task, problems, records, cfg.samples), flops_per_problem=cfg.samples
                                              * forward_flops(model, [x for x in prompts for _ in range(cfg.samples)],
                                                              records, rule["policy"]))

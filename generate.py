@@ -36,6 +36,7 @@ class Config:
     top_p: float = 1.0
     max_new_tokens: int = 128
     max_backtracks: int = -1         # cap on backtracks per sample; -1 = none
+    trigger: float = 0.0             # > 0: BK where the verifier head's probability that the last token is wrong exceeds this
     num_samples: int = 1             # samples decoded together in one cache
     seed: int = 1337
     device: str = "cpu"
@@ -110,6 +111,8 @@ def check_args(cfg):
     if cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
         raise ValueError(f"--top_k={cfg.top_k} --top_p={cfg.top_p}: top_k >= 0 and 0 < top_p <= 1")
     decoding_rule(cfg, {})   # checks --policy, --slot_bans and --max_retries
+    if not 0 <= cfg.trigger < 1:
+        raise ValueError(f"--trigger={cfg.trigger}: a probability in [0, 1) (0 = off)")
     if cfg.color not in ("auto", "always", "never"):
         raise ValueError(f"--color={cfg.color}: expected auto, always or never")
     if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
@@ -123,6 +126,8 @@ def main(argv=None):
     check_args(cfg)
     model, tok = load_model(cfg.ckpt, device=cfg.device, chat=cfg.chat and not cfg.raw)
     meta = model.meta
+    if cfg.trigger > 0 and model.verifier is None:
+        raise ValueError(f"--trigger: {cfg.ckpt} has no verifier head (train one with train_sft.py --verifier_weight=1)")
     rule = decoding_rule(cfg, meta)
     task = None if cfg.raw or "task" not in meta else get_task(meta["task"], **meta.get("task_kwargs", {}))
     if task is not None:
@@ -147,7 +152,7 @@ def main(argv=None):
     out = generate(model, [prompt] * cfg.num_samples, max_new_tokens=max_new_tokens, **rule,
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    max_backtracks=None if cfg.max_backtracks < 0 else cfg.max_backtracks, seed=cfg.seed,
-                   device=cfg.device, stop_ids=tok.stop_ids,
+                   device=cfg.device, stop_ids=tok.stop_ids, trigger=cfg.trigger,
                    on_step=(lambda b, t, popped: printer.step(t, popped)) if stream else None)
     for i, o in enumerate(out):
         if not stream:

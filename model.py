@@ -50,6 +50,8 @@ class GPTConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = "attn,mlp"  # attn: the fused q/k/v and the output projection; mlp: its linears
+    # the verifier head (add_verifier): one logit per position, that the surviving response has gone wrong
+    verifier: bool = False
     # tokenizer facts, recorded so a checkpoint is self-describing
     tokenizer: str = "byte"
     n_vocab: int = 258             # real tokens (ids < n_vocab); the rest of the table is padding
@@ -306,6 +308,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        # beside lm_head, on the same final hidden state: is the last surviving token an error? (add_verifier)
+        self.verifier = nn.Linear(cfg.n_embd, 1) if cfg.verifier else None
         self.apply(self._init_weights)
         for n, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
             if n.endswith("c_proj.weight"):
@@ -372,12 +376,15 @@ class GPT(nn.Module):
                 x if x.dtype == cache.h.dtype else x.to(cache.h.dtype)
         return x
 
-    def forward(self, idx, pos=None, mask=None, cache=None, act=None):
+    def forward(self, idx, pos=None, mask=None, cache=None, act=None, verify=False):
         """Logits (B, T, vocab_size); with act=(rows, cols), only those nodes' logits (A, vocab_size):
-        in training only the nodes that act go through lm_head, most of the cost at large vocab."""
+        in training only the nodes that act go through lm_head, most of the cost at large vocab.
+        verify: also the verifier head's logits on the same nodes, (B, T) or (A,): (logits, verifier)."""
         h = self.hidden(idx, pos, mask, cache)
         if act is not None:
             h = h[act[0], act[1]]
+        if verify:
+            return self.lm_head(h), self.verifier(h).squeeze(-1)
         return self.lm_head(h)
 
     def action_logits(self, batch):
@@ -465,8 +472,10 @@ class GPT(nn.Module):
     def export_hf(self, path):
         """Write a Hugging Face folder (config.json + model.safetensors) that other tools open:
         GPT-2 layout or Llama layout, by the config (hf.write_folder). LoRA adapters are merged
-        into the weights they adapt; the model itself is left as it is."""
-        hf.write_folder(self.config, merged_state_dict(self), path)
+        into the weights they adapt; the model itself is left as it is. The verifier head is left out:
+        a Hugging Face causal LM has no place for it (the checkpoint of this project keeps it)."""
+        sd = {k: v for k, v in merged_state_dict(self).items() if not k.startswith("verifier.")}
+        hf.write_folder(self.config, sd, path)
 
 # -----------------------------------------------------------------------------
 # LoRA: adapters on the block linears, trained while the rest is frozen (common.choose_trainable)
@@ -498,6 +507,17 @@ def add_lora(model, rank, alpha, targets):
                 w = m.weight
                 m.lora = LoRA(m.in_features, m.out_features, rank, alpha).to(device=w.device, dtype=w.dtype)
     model.config.lora_rank, model.config.lora_alpha, model.config.lora_targets = rank, alpha, targets
+    return model
+
+
+def add_verifier(model):
+    """Give a model without one the verifier head (a linear from the final hidden state to one logit,
+    initialised as the other linears), and record it in the config so that checkpoints rebuild it."""
+    if model.verifier is None:
+        w = model.lm_head.weight
+        model.verifier = nn.Linear(model.config.n_embd, 1).to(device=w.device, dtype=w.dtype)
+        model._init_weights(model.verifier)
+        model.config.verifier = True
     return model
 
 
@@ -620,6 +640,10 @@ def unwrap(model):
 
 
 def action_logprobs(model, batch, temperature=1.0, top_k=0, top_p=1.0):
+    return logprobs_of(action_logits(model, batch), batch, unwrap(model).config.n_vocab, temperature, top_k, top_p)
+
+
+def logprobs_of(logits, batch, n_vocab, temperature=1.0, top_k=0, top_p=1.0):
     """Log-prob of every action of a collated batch under the sampled distribution: (A,).
 
     Without top-k/top-p this is one fused F.cross_entropy over the logits with the bans written
@@ -631,10 +655,8 @@ def action_logprobs(model, batch, temperature=1.0, top_k=0, top_p=1.0):
     reaches it). Recording the fill would cost a copy of the (A, V) gradient in backward. This
     is safe because lm_head's backward needs its input and weight, never its output (autograd
     would raise if it did). With top-k/top-p the distribution needs a sort anyway: shape_logits."""
-    logits = action_logits(model, batch)
     tgt = batch["tgt"]
     ban = (batch["ban_act"], batch["ban_tok"])
-    n_vocab = unwrap(model).config.n_vocab
     if filtered(top_k, top_p, logits.shape[-1]):
         return shape_logits(logits, temperature, top_k, top_p, ban, n_vocab).gather(1, tgt.unsqueeze(1)).squeeze(1)
     logits = logits.float()   # fp32 already: the very tensor lm_head returned, no copy
@@ -648,10 +670,27 @@ def sft_loss(model, batch, normalizer=None):
     """Weighted cross-entropy over actions (masked errors have weight 0), divided by the total
     weight, or by `normalizer` (the whole global batch's weight, so that gradient accumulation
     and DDP give the same loss as one big batch)."""
-    lp = action_logprobs(model, batch)
-    w = batch["weight"]
+    return weighted_nll(action_logprobs(model, batch), batch["weight"], normalizer)
+
+
+def weighted_nll(lp, w, normalizer=None):
     nll = torch.where(w > 0, -lp * w, torch.zeros_like(lp))  # a weight-0 action never adds 0 * inf
     return nll.sum() / (w.sum().clamp(min=1.0) if normalizer is None else normalizer)
+
+
+def sft_verifier_loss(model, batch, normalizer=None, verifier_normalizer=None):
+    """sft_loss and the verifier head's loss from one forward: (lm, verifier). The head is trained
+    with binary cross-entropy to say, at each action, whether the last surviving response token is
+    an error (batch["wrong"]: 1 = an ERROR token, popped later; 0 = a FINAL one; -1 = no response
+    token yet, not scored; data.layout). lm is sft_loss's number exactly; the verifier part is a mean
+    over the scored actions, or a sum over `verifier_normalizer` (the global batch's count)."""
+    logits, v = model(batch["ids"], batch["pos"], batch["mask"], act=(batch["act_row"], batch["act_src"]), verify=True)
+    lm = weighted_nll(logprobs_of(logits, batch, unwrap(model).config.n_vocab), batch["weight"], normalizer)
+    y = batch["wrong"]
+    scored = y >= 0
+    bce = F.binary_cross_entropy_with_logits(v.float(), y.clamp(min=0), reduction="none")
+    vloss = torch.where(scored, bce, torch.zeros_like(bce)).sum()
+    return lm, vloss / (scored.sum().clamp(min=1) if verifier_normalizer is None else verifier_normalizer)
 
 
 def completion_logprobs(model, batch):

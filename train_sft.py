@@ -26,7 +26,7 @@ import torch
 from common import (all_reduce_sum, build_model, cli, end_step, grad_sync, eval_and_log, finish, choose_trainable,
                     lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
 from data import Curriculum, Prefetch, build_traces, collate, layout, pack, read_traces
-from model import sft_loss
+from model import add_verifier, sft_loss, sft_verifier_loss
 from plot import write_run_curves
 from tasks import get_task
 from tokenizer import get_tokenizer
@@ -78,6 +78,7 @@ class Config:
     lora_alpha: float = 16.0          # adapter scale alpha / rank
     lora_targets: str = "attn,mlp"    # the block linears adapted: attn (fused q/k/v and output), mlp, or both
     lora_bk: bool = True              # with adapters, also train the backtrack token's embedding rows
+    verifier_weight: float = 0.0      # > 0: train a verifier head (is the last surviving token an error?) with this loss weight
     # evaluation and logging
     eval_interval: int = 500
     evals: int = 0                   # > 0: evaluate this many times, evenly (overrides eval_interval)
@@ -162,8 +163,13 @@ def tokens_per_step(cfg, tok, task, pool, extra=None):
 # -----------------------------------------------------------------------------
 
 
+def check_args(cfg, world):
+    if cfg.verifier_weight < 0:
+        raise SystemExit(f"error: --verifier_weight={cfg.verifier_weight}: a loss weight is >= 0 (0 = no verifier head)")
+
+
 def main(argv=None):
-    cfg, ddp, rank, world, device = start_run(Config(), argv)
+    cfg, ddp, rank, world, device = start_run(Config(), argv, check_args)
     master = rank == 0
     tok = get_tokenizer(cfg.tokenizer, chat=cfg.chat)
     cfg.chat = tok.chat   # saved with the run: what its prompts were, so later stages default to the same
@@ -174,6 +180,8 @@ def main(argv=None):
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
     extra = read_traces(cfg.traces_file, tok.n_vocab) if cfg.traces_file else None
     model, _ = build_model(cfg, tok, device)
+    if cfg.verifier_weight > 0:   # a checkpoint that has one (a resumed run) keeps its own
+        add_verifier(model)
     model.to(device)
     choose_trainable(model, cfg, tok.bk_id)   # all, the BK rows (--embedding_only), or LoRA adapters (--lora_rank)
     raw = model
@@ -210,16 +218,23 @@ def main(argv=None):
         max_bk, micros = next(data)   # built ahead of time by a background thread (data.Prefetch)
         # one normaliser for the whole global batch: accumulation and DDP then equal one big batch
         wsum = all_reduce_sum(sum(b["weight"].sum() for b in micros).detach().clone(), ddp)
-        loss_sum = torch.zeros((), device=device)
+        vsum = all_reduce_sum(sum((b["wrong"] >= 0).sum().float() for b in micros).clone(), ddp)
+        loss_sum, vloss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         for a, batch in enumerate(micros):
             sync = not ddp or a == len(micros) - 1
             ctx = grad_sync(model, ddp, sync)
             with ctx, autocast:
-                loss = sft_loss(model, batch, normalizer=wsum / world)
+                if cfg.verifier_weight > 0:   # one forward feeds both heads
+                    loss, vloss = sft_verifier_loss(model, batch, wsum / world, vsum / world)
+                    vloss_sum += vloss.detach() / world
+                    loss = loss + cfg.verifier_weight * vloss
+                else:
+                    loss = sft_loss(model, batch, normalizer=wsum / world)
             loss.backward()
             loss_sum += loss.detach() / world
             tokens += batch["n_tokens"]
         loss_sum = all_reduce_sum(loss_sum, ddp)
+        vloss_sum = all_reduce_sum(vloss_sum, ddp) if cfg.verifier_weight > 0 else None
         if not torch.isfinite(loss_sum):
             msg = f"error: loss is {loss_sum.item()} at step {step}; stopping. The last good checkpoint in {cfg.out_dir} is untouched."
             if master:
@@ -232,8 +247,9 @@ def main(argv=None):
         done = step + 1
         if master and (step % cfg.log_interval == 0 or done == cfg.max_iters):
             dt = time.time() - t0
+            extra = {} if vloss_sum is None else dict(verifier_loss=vloss_sum.item())
             log(step=step, loss=loss_sum.item(), lr=lr, max_backtracks=max_bk, tokens_per_s=tokens * world / max(dt, 1e-9),
-                elapsed_s=dt)
+                elapsed_s=dt, **extra)
             bar.set_postfix(loss=f"{loss_sum.item():.4f}", tok_s=f"{tokens * world / max(dt, 1e-9):.0f}")
         if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break

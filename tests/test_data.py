@@ -272,21 +272,21 @@ def loop_collate(layouts, pad_id=0):
     ids, pos = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros((B, T), dtype=torch.long)
     chain = all(all(p == i - 1 for i, p in enumerate(L["parent"])) for L in layouts)
     mask = None if chain else torch.zeros(B, T, T, dtype=torch.bool)
-    rows, srcs, tgts, ws, ban_a, ban_t = [], [], [], [], [], []
+    rows, srcs, tgts, ws, wrong, ban_a, ban_t = [], [], [], [], [], [], []
     for b, L in enumerate(layouts):
         n = len(L["ids"])
         ids[b, :n], pos[b, :n] = torch.tensor(L["ids"]), torch.tensor(L["pos"])
         if mask is not None:
             mask[b, :n, :n] = loop_ancestor_mask(L["parent"])
             mask[b, n:, 0] = True
-        for s, t, w, bn in zip(L["src"], L["tgt"], L["weight"], L["bans"]):
+        for s, t, w, bn, y in zip(L["src"], L["tgt"], L["weight"], L["bans"], L["wrong"]):
             a = len(rows)
-            rows.append(b); srcs.append(s); tgts.append(t); ws.append(w)
+            rows.append(b); srcs.append(s); tgts.append(t); ws.append(w); wrong.append(y)
             for x in bn:
                 ban_a.append(a); ban_t.append(x)
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)
     return dict(ids=ids, pos=pos, mask=mask, act_row=t(rows), act_src=t(srcs), tgt=t(tgts),
-                weight=t(ws, torch.float32), ban_act=t(ban_a), ban_tok=t(ban_t),
+                weight=t(ws, torch.float32), wrong=t(wrong, torch.float32), ban_act=t(ban_a), ban_tok=t(ban_t),
                 n_tokens=sum(len(L["ids"]) for L in layouts))
 
 
