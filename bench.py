@@ -30,7 +30,7 @@ runs them by section and prints the report.
    equal), each side's real loop in its own process, and where each side's step goes. TRL is an
    optional dependency: pip install -r requirements-bench.txt (without it the section is skipped).
 
-$ python bench.py                                  # CPU fp32, about 8 minutes on 2 idle cores
+$ python bench.py                                  # CPU fp32, about 9 minutes on 2 idle cores (with TRL)
 $ python bench.py --quick=True                     # smoke run, under a minute
 $ python bench.py --sections=hf,rollout,head      # some sections only
 $ python bench.py --device=cuda --dtype=bfloat16 --compile=True --out=bench.json

@@ -97,7 +97,8 @@ def greedy_decodable(policy="rewind", slot_bans=True, max_retries=None):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.0, top_k=0, top_p=1.0,
              max_backtracks=None, seed=None, stop_at_eot=True, on_step=None, force=None, return_logits=False,
-             device=None, slot_bans=True, max_retries=None, stop_ids=None, pop_below=0.0, trigger=0.0):
+             device=None, slot_bans=True, max_retries=None, stop_ids=None, pop_below=0.0, trigger=0.0,
+             return_verifier=False):
     """Sample a response for each prompt (list of id lists), all rows in one cache.
 
     policy 'keep': BK is appended like any token. policy 'rewind': BK frees the top slot in place
@@ -119,7 +120,8 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     trigger: with a verifier head (model.add_verifier), the action is BK wherever the head's
     probability that the last surviving token is wrong exceeds trigger and BK is allowed (the same
     bans and caps); its log-prob is BK's under the banned distribution, as for pop_below. 0 = off.
-    A model with a verifier head also returns, per row, `verifier`: that probability at each action.
+    return_verifier: also return, per row, `verifier`: that probability at each action (the head is
+    computed only when a trigger or this asks for it).
 
     The bookkeeping (stacks, bans, retry counts, caps, finished rows) lives in tensors and is
     updated for all rows at once: no per-row Python and no per-row device sync in the loop.
@@ -195,7 +197,9 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     deleted_up, ban_up = deleted[:, 1:], ban_tok[:, 1:]   # views: indexed at d, they reach position d + 1
     live = force_len > 0 if force is not None else torch.ones(B, dtype=torch.bool, device=device)
     actions, logprobs, alive, kept_logits, verdicts = [], [], [], [], []
-    verifier = getattr(model, "verifier", None)
+    verifier = getattr(model, "verifier", None) if trigger > 0 or return_verifier else None
+    if return_verifier and verifier is None:
+        raise ValueError("return_verifier needs a model with a verifier head (train_sft.py --verifier_weight > 0)")
     # The bans are written as -inf straight into a float copy of the logits, entry by entry (no
     # (B, V) ban matrix). Column V is a spare that unused ban slots point at; it and the padding
     # columns (ids >= n_vocab) are set to -inf once, and each step copies in only the real ones.
@@ -240,7 +244,8 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
             out_of_values = (liked.sum(-1) - liked[:, bk] < pop_below) & ~torch.isneginf(bk_col)
         if verifier is not None:   # the head reads the hidden state the next token's logits come from
             p_wrong = torch.sigmoid(linear(verifier, h, cache).squeeze(-1).float())
-            verdicts.append(p_wrong)
+            if return_verifier:
+                verdicts.append(p_wrong)
             if trigger > 0 and force is None:
                 fire = (p_wrong > trigger) & ~torch.isneginf(bk_col)
         lp = shape_logits(banned, temperature, top_k, top_p)

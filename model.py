@@ -684,6 +684,8 @@ def sft_verifier_loss(model, batch, normalizer=None, verifier_normalizer=None):
     an error (batch["wrong"]: 1 = an ERROR token, popped later; 0 = a FINAL one; -1 = no response
     token yet, not scored; data.layout). lm is sft_loss's number exactly; the verifier part is a mean
     over the scored actions, or a sum over `verifier_normalizer` (the global batch's count)."""
+    if unwrap(model).verifier is None:
+        raise ValueError("sft_verifier_loss needs a model with a verifier head (model.add_verifier)")
     logits, v = model(batch["ids"], batch["pos"], batch["mask"], act=(batch["act_row"], batch["act_src"]), verify=True)
     lm = weighted_nll(logprobs_of(logits, batch, unwrap(model).config.n_vocab), batch["weight"], normalizer)
     y = batch["wrong"]

@@ -218,20 +218,21 @@ def main(argv=None):
         max_bk, micros = next(data)   # built ahead of time by a background thread (data.Prefetch)
         # one normaliser for the whole global batch: accumulation and DDP then equal one big batch
         wsum = all_reduce_sum(sum(b["weight"].sum() for b in micros).detach().clone(), ddp)
-        vsum = all_reduce_sum(sum((b["wrong"] >= 0).sum().float() for b in micros).clone(), ddp)
+        vsum = None   # the verifier's normaliser: its scored actions in the global batch
+        if cfg.verifier_weight > 0:
+            vsum = all_reduce_sum(sum((b["wrong"] >= 0).sum().float() for b in micros).clone(), ddp).clamp(min=1.0)
         loss_sum, vloss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         for a, batch in enumerate(micros):
             sync = not ddp or a == len(micros) - 1
             ctx = grad_sync(model, ddp, sync)
             with ctx, autocast:
                 if cfg.verifier_weight > 0:   # one forward feeds both heads
-                    loss, vloss = sft_verifier_loss(model, batch, wsum / world, vsum / world)
+                    lm, vloss = sft_verifier_loss(model, batch, wsum / world, vsum / world)
                     vloss_sum += vloss.detach() / world
-                    loss = loss + cfg.verifier_weight * vloss
                 else:
-                    loss = sft_loss(model, batch, normalizer=wsum / world)
-            loss.backward()
-            loss_sum += loss.detach() / world
+                    lm = sft_loss(model, batch, normalizer=wsum / world)
+            (lm if cfg.verifier_weight == 0 else lm + cfg.verifier_weight * vloss).backward()
+            loss_sum += lm.detach() / world   # the logged loss is the LM's alone, comparable with a run without the head
             tokens += batch["n_tokens"]
         loss_sum = all_reduce_sum(loss_sum, ddp)
         vloss_sum = all_reduce_sum(vloss_sum, ddp) if cfg.verifier_weight > 0 else None
@@ -247,9 +248,9 @@ def main(argv=None):
         done = step + 1
         if master and (step % cfg.log_interval == 0 or done == cfg.max_iters):
             dt = time.time() - t0
-            extra = {} if vloss_sum is None else dict(verifier_loss=vloss_sum.item())
+            vlog = {} if vloss_sum is None else dict(verifier_loss=vloss_sum.item())   # (not `extra`: the traces)
             log(step=step, loss=loss_sum.item(), lr=lr, max_backtracks=max_bk, tokens_per_s=tokens * world / max(dt, 1e-9),
-                elapsed_s=dt, **extra)
+                elapsed_s=dt, tokens=tokens * world, **vlog)
             bar.set_postfix(loss=f"{loss_sum.item():.4f}", tok_s=f"{tokens * world / max(dt, 1e-9):.0f}")
         if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break

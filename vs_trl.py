@@ -18,7 +18,8 @@ The work is made equal where the two differ by default:
 - SFT: one JSONL file of backtrack traces, fed to ours with --traces_file (every row of a batch
   drawn from it) and to TRL pre-tokenized, with our error mask as its labels (-100 where an error
   token carries no loss); 32 traces a step, AdamW(0.9, 0.99), weight decay 0.1, clip 1.0, fp32;
-- GRPO: 16 arith prompts x 8 completions, 64 new tokens at T=1, our reward (reward.py) as TRL's
+- GRPO: 16 arith prompts x 8 completions (ours samples under its bans: no BK on an empty response,
+  at most 8 BKs; TRL samples freely, a difference of a few tokens in a thousand), 64 new tokens at T=1, our reward (reward.py) as TRL's
   reward function, loss dapo, beta 0 (no reference model), one pass, one forward of 128 rows, and
   learning rate 0 (the update runs in full, but the model stays the one both sides started from, so
   they sample equally long completions in expectation; with learning, each side's first steps move
@@ -119,7 +120,8 @@ def run_ours(d, stage, steps, threads):
     if stage == "sft":
         argv = ["train_sft.py", f"--init_from={d}/ours", "--policy=keep", f"--traces_file={d}/traces.jsonl",
                 "--traces_ratio=1.0", f"--batch_size={SFT['batch']}", f"--lr={SFT['lr']}", f"--min_lr={SFT['lr']}",
-                f"--block_size={BLOCK}", "--warmup_iters=0"]
+                f"--block_size={BLOCK}", "--warmup_iters=0", f"--weight_decay={SFT['weight_decay']}",
+                f"--beta2={SFT['beta2']}", f"--grad_clip={SFT['clip']}"]
     elif stage == "grpo":
         n = GRPO["prompts"] * GRPO["group"]
         argv = ["train_grpo.py", f"--init_from={d}/ours", f"--prompts_per_step={GRPO['prompts']}",

@@ -145,3 +145,18 @@ def test_equal_tokens_give_backtrack_traces_fewer_steps():
         configure(cfg, list(args))
         return train_sft.tokens_per_step(cfg, tok, task, pool)
     assert tps("--backtrack_ratio=0.0") < tps("--policy=keep")
+
+
+def test_every_step_draws_from_the_traces_file(tmp_path):
+    """--traces_ratio=1: every batch of the run, not only the first ones built ahead, holds the
+    file's traces. One trace of a length no task trace has, so the tokens each step counts tell."""
+    from data import Trace, layout
+    trace = dict(prompt=[49, 43, 50, 10], response=[51] * 40 + [257, 52, 256])
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(trace) + "\n")
+    per_trace = len(layout(Trace(trace["prompt"], trace["response"]), 257, "keep")["ids"])
+    out = str(tmp_path / "run")
+    run_sft(out, "--max_iters=8", "--batch_size=4", "--policy=keep", f"--traces_file={path}", "--traces_ratio=1.0",
+            "--eval_interval=0")
+    tokens = [json.loads(line)["tokens"] for line in open(os.path.join(out, "metrics.jsonl")) if '"tokens"' in line]
+    assert len(tokens) == 8 and [b - a for a, b in zip([0] + tokens, tokens)] == [4 * per_trace] * 8

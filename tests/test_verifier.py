@@ -73,7 +73,7 @@ def test_head_agrees_between_layout_and_decoding_and_one_row_and_many(policy, po
     with torch.no_grad():
         _, v = model(batch["ids"], batch["pos"], batch["mask"], act=(batch["act_row"], batch["act_src"]), verify=True)
     trained = torch.sigmoid(v)
-    kw = dict(policy=policy, slot_bans=False, temperature=1.0)
+    kw = dict(policy=policy, slot_bans=False, temperature=1.0, return_verifier=True)
     together = generate(model, [t.prompt for t in traces], force=[t.response for t in traces], **kw)
     alone = [generate(model, [t.prompt], force=[t.response], **kw)[0] for t in traces]
     decoded = torch.tensor([p for o in together for p in o["verifier"]])
@@ -105,6 +105,12 @@ def test_trigger_forces_a_backtrack_wherever_one_is_allowed(policy):
         with torch.no_grad():
             lp = action_logprobs(model, L)
         assert torch.allclose(lp, torch.tensor(o["logprobs"]), atol=1e-5)
+    # a head that always says 'right' (bias -10) never fires: the same actions as no trigger at all
+    with torch.no_grad():
+        model.verifier.bias.fill_(-10.0)
+    quiet = generate(model, prompts, **kw)
+    assert [o["response"] for o in quiet] == [o["response"] for o in generate(model, prompts, **dict(kw, trigger=0.0))]
+    assert any(BK not in o["response"][:7] for o in quiet)
     with pytest.raises(ValueError, match="verifier head"):
         generate(tiny(verifier=False), prompts, trigger=0.5)
 
@@ -113,11 +119,21 @@ def test_the_lm_loss_is_untouched_by_the_head():
     """sft_verifier_loss's LM part is sft_loss's number, bit for bit, and a model without the head
     computes the same logits as the same model with one (the head reads, never writes)."""
     rng = random.Random(2)
-    batch = collate([layout(random_trace(rng), BK, "rewind") for _ in range(5)])
+    # no slot bans: a random trace may rewrite a deleted token, whose log-prob would be -inf under them
+    batch = collate([layout(random_trace(rng), BK, "rewind", slot_bans=False) for _ in range(5)])
     with_head, without = tiny(seed=4), tiny(verifier=False, seed=4)
     lm, v = sft_verifier_loss(with_head, batch)
+    assert torch.isfinite(lm) and lm.item() > 0
     assert torch.equal(lm, sft_loss(with_head, batch)) and torch.equal(lm, sft_loss(without, batch))
-    assert v.item() > 0
+    assert not torch.equal(lm, sft_loss(tiny(verifier=False, seed=5), batch))   # (other weights, another loss)
+    # the head's part is the mean BCE over the scored actions, by hand
+    with torch.no_grad():
+        h = with_head.hidden(batch["ids"], batch["pos"], batch["mask"])[batch["act_row"], batch["act_src"]]
+        p = torch.sigmoid(with_head.verifier(h).squeeze(-1))
+    y, scored = batch["wrong"], batch["wrong"] >= 0
+    assert 0 < scored.sum() < len(y)
+    bce = -(y * p.log() + (1 - y) * (1 - p).log())[scored].mean()
+    assert torch.allclose(v, bce, atol=1e-6)
 
 
 def test_verifier_training_run_and_export(tmp_path):
