@@ -222,6 +222,7 @@ def main(argv=None):
         if cfg.verifier_weight > 0:
             vsum = all_reduce_sum(sum((b["wrong"] >= 0).sum().float() for b in micros).clone(), ddp).clamp(min=1.0)
         loss_sum, vloss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+        step_tokens = sum(b["n_tokens"] for b in micros) * world
         for a, batch in enumerate(micros):
             sync = not ddp or a == len(micros) - 1
             ctx = grad_sync(model, ddp, sync)
@@ -250,7 +251,7 @@ def main(argv=None):
             dt = time.time() - t0
             vlog = {} if vloss_sum is None else dict(verifier_loss=vloss_sum.item())   # (not `extra`: the traces)
             log(step=step, loss=loss_sum.item(), lr=lr, max_backtracks=max_bk, tokens_per_s=tokens * world / max(dt, 1e-9),
-                elapsed_s=dt, tokens=tokens * world, **vlog)
+                elapsed_s=dt, tokens=step_tokens, **vlog)   # tokens: fed in this step (all ranks)
             bar.set_postfix(loss=f"{loss_sum.item():.4f}", tok_s=f"{tokens * world / max(dt, 1e-9):.0f}")
         if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break
