@@ -361,25 +361,22 @@ def choose_trainable(model, cfg, bk_id):
     a Hugging Face model, and no adapter reaches its embedding). Everything else is frozen, so it
     has no gradient and no optimizer state."""
     raw = unwrap(model)
-    if raw.verifier is not None:   # the verifier head trains only in a stage that gives it a loss (SFT's --verifier_weight)
-        raw.verifier.requires_grad_(getattr(cfg, "verifier_weight", 0.0) > 0)
     if not lora_modules(raw) and cfg.lora_rank > 0:   # a rank that differs from the checkpoint's: start_run refused it
         add_lora(raw, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    if not (cfg.embedding_only or lora_modules(raw)):
-        return
-    for p in raw.parameters():
-        p.requires_grad_(False)
-    for _, lora in lora_modules(raw):
-        lora.requires_grad_(True)
-    if raw.verifier is not None and getattr(cfg, "verifier_weight", 0.0) > 0:
-        raw.verifier.requires_grad_(True)
-    if bk_rows_only(raw, cfg):
-        tables = {id(raw.transformer.wte.weight): raw.transformer.wte.weight, id(raw.lm_head.weight): raw.lm_head.weight}
-        for W in tables.values():
-            W.requires_grad_(True)
-            keep = torch.zeros(W.shape[0], 1, device=W.device, dtype=W.dtype)
-            keep[bk_id] = 1.0
-            W.register_hook(lambda g, keep=keep: g * keep)
+    if cfg.embedding_only or lora_modules(raw):
+        for p in raw.parameters():
+            p.requires_grad_(False)
+        for _, lora in lora_modules(raw):
+            lora.requires_grad_(True)
+        if bk_rows_only(raw, cfg):
+            tables = {id(raw.transformer.wte.weight): raw.transformer.wte.weight, id(raw.lm_head.weight): raw.lm_head.weight}
+            for W in tables.values():
+                W.requires_grad_(True)
+                keep = torch.zeros(W.shape[0], 1, device=W.device, dtype=W.dtype)
+                keep[bk_id] = 1.0
+                W.register_hook(lambda g, keep=keep: g * keep)
+    if raw.verifier is not None:   # the verifier head trains only in a stage that gives it a loss (SFT's --verifier_weight)
+        raw.verifier.requires_grad_(getattr(cfg, "verifier_weight", 0.0) > 0)
 
 
 def restore(model, optimizer, cfg, resuming, master):

@@ -128,8 +128,10 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     """
     if policy not in ("keep", "rewind"):
         raise ValueError(f"unknown policy {policy!r}: expected 'keep' or 'rewind'")
-    if trigger > 0 and getattr(model, "verifier", None) is None:
-        raise ValueError("trigger needs a model with a verifier head (train_sft.py --verifier_weight > 0)")
+    verifier = getattr(model, "verifier", None) if trigger > 0 or return_verifier else None
+    if (trigger > 0 or return_verifier) and verifier is None:
+        raise ValueError("trigger and return_verifier need a model with a verifier head "
+                         "(train_sft.py --verifier_weight > 0)")
     if not greedy_decodable(policy, slot_bans, max_retries) and not (temperature and temperature > 0) and force is None:
         raise ValueError("greedy `rewind` decoding needs slot bans or a retry limit: a rewound state equals an "
                          "earlier one, so greedy decoding would loop (docs/backtrack-semantics.md §4)")
@@ -197,9 +199,6 @@ def generate(model, prompts, max_new_tokens=128, policy="rewind", temperature=1.
     deleted_up, ban_up = deleted[:, 1:], ban_tok[:, 1:]   # views: indexed at d, they reach position d + 1
     live = force_len > 0 if force is not None else torch.ones(B, dtype=torch.bool, device=device)
     actions, logprobs, alive, kept_logits, verdicts = [], [], [], [], []
-    verifier = getattr(model, "verifier", None) if trigger > 0 or return_verifier else None
-    if return_verifier and verifier is None:
-        raise ValueError("return_verifier needs a model with a verifier head (train_sft.py --verifier_weight > 0)")
     # The bans are written as -inf straight into a float copy of the logits, entry by entry (no
     # (B, V) ban matrix). Column V is a spare that unused ban slots point at; it and the padding
     # columns (ids >= n_vocab) are set to -inf once, and each step copies in only the real ones.

@@ -627,10 +627,14 @@ def shape_logits(logits, temperature=1.0, top_k=0, top_p=1.0, ban=None, n_vocab=
     return torch.log_softmax(logits, dim=-1)
 
 
-def action_logits(model, batch):
-    """Logits for the actions of a collated batch (data.collate): (A, vocab_size). `model` may be
-    wrapped (DDP, torch.compile): the call goes through its forward so gradient sync works."""
-    return model(batch["ids"], batch["pos"], batch["mask"], act=(batch["act_row"], batch["act_src"]))
+def action_logits(model, batch, verify=False):
+    """Logits for the actions of a collated batch (data.collate): (A, vocab_size); verify: also the
+    verifier head's (A,). `model` may be wrapped (DDP, torch.compile): the call goes through its
+    forward so gradient sync works; without verify the call is the plain one any model-like module takes."""
+    act = (batch["act_row"], batch["act_src"])
+    if verify:
+        return model(batch["ids"], batch["pos"], batch["mask"], act=act, verify=True)
+    return model(batch["ids"], batch["pos"], batch["mask"], act=act)
 
 
 def unwrap(model):
@@ -686,7 +690,7 @@ def sft_verifier_loss(model, batch, normalizer=None, verifier_normalizer=None):
     over the scored actions, or a sum over `verifier_normalizer` (the global batch's count)."""
     if unwrap(model).verifier is None:
         raise ValueError("sft_verifier_loss needs a model with a verifier head (model.add_verifier)")
-    logits, v = model(batch["ids"], batch["pos"], batch["mask"], act=(batch["act_row"], batch["act_src"]), verify=True)
+    logits, v = action_logits(model, batch, verify=True)
     lm = weighted_nll(logprobs_of(logits, batch, unwrap(model).config.n_vocab), batch["weight"], normalizer)
     y = batch["wrong"]
     scored = y >= 0

@@ -222,7 +222,6 @@ def main(argv=None):
         if cfg.verifier_weight > 0:
             vsum = all_reduce_sum(sum((b["wrong"] >= 0).sum().float() for b in micros).clone(), ddp).clamp(min=1.0)
         loss_sum, vloss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-        step_tokens = sum(b["n_tokens"] for b in micros) * world
         for a, batch in enumerate(micros):
             sync = not ddp or a == len(micros) - 1
             ctx = grad_sync(model, ddp, sync)
@@ -230,11 +229,13 @@ def main(argv=None):
                 if cfg.verifier_weight > 0:   # one forward feeds both heads
                     lm, vloss = sft_verifier_loss(model, batch, wsum / world, vsum / world)
                     vloss_sum += vloss.detach() / world
+                    loss = lm + cfg.verifier_weight * vloss
                 else:
-                    lm = sft_loss(model, batch, normalizer=wsum / world)
-            (lm if cfg.verifier_weight == 0 else lm + cfg.verifier_weight * vloss).backward()
+                    lm = loss = sft_loss(model, batch, normalizer=wsum / world)
+            loss.backward()
             loss_sum += lm.detach() / world   # the logged loss is the LM's alone, comparable with a run without the head
-            tokens += batch["n_tokens"]
+        step_tokens = sum(b["n_tokens"] for b in micros)   # this rank's
+        tokens += step_tokens
         loss_sum = all_reduce_sum(loss_sum, ddp)
         vloss_sum = all_reduce_sum(vloss_sum, ddp) if cfg.verifier_weight > 0 else None
         if not torch.isfinite(loss_sum):
@@ -251,7 +252,7 @@ def main(argv=None):
             dt = time.time() - t0
             vlog = {} if vloss_sum is None else dict(verifier_loss=vloss_sum.item())   # (not `extra`: the traces)
             log(step=step, loss=loss_sum.item(), lr=lr, max_backtracks=max_bk, tokens_per_s=tokens * world / max(dt, 1e-9),
-                elapsed_s=dt, tokens=step_tokens, **vlog)   # tokens: fed in this step (all ranks)
+                elapsed_s=dt, tokens=step_tokens * world, **vlog)   # tokens: fed in this step (all ranks)
             bar.set_postfix(loss=f"{loss_sum.item():.4f}", tok_s=f"{tokens * world / max(dt, 1e-9):.0f}")
         if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break

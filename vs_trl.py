@@ -48,7 +48,9 @@ from tokenizer import get_tokenizer
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 1337
 BLOCK = 160   # a trace of 3 backtracks plus its prompt fits; TRL truncates at max_length, ours refuses
-SFT = dict(batch=32, lr=2e-3, weight_decay=0.1, beta2=0.99, clip=1.0)
+BETA2, CLIP = 0.99, 1.0   # AdamW's beta2 and the gradient clip: every stage's default, set on both sides
+SKIP = 2                  # steps left out of each median: the first ones pay for warm-up
+SFT = dict(batch=32, lr=2e-3, weight_decay=0.1)
 GRPO = dict(prompts=16, group=8, new_tokens=64, lr=0.0)   # lr 0: every iteration samples the same model, so both sides generate equal tokens in expectation
 DPO = dict(batch=16, lr=1e-5, beta=0.1)
 
@@ -105,10 +107,14 @@ def synthetic_pair(tok, task, p, rng):
 # our side: the real scripts, timed from their metrics log
 
 
-def step_times(values, skip=2):
-    """Per-step seconds from cumulative timestamps (one per step): the gaps after the first `skip`."""
-    gaps = [b - a for a, b in zip(values, values[1:])]
-    return gaps[skip:] or gaps
+def step_times(values):
+    """Per-step seconds from cumulative timestamps (one per step)."""
+    return [b - a for a, b in zip(values, values[1:])]
+
+
+def settled_median(xs):
+    """The median of per-step figures after the first SKIP (all of them when there are no more)."""
+    return statistics.median(xs[SKIP:] or xs)
 
 
 def run_ours(d, stage, steps, threads):
@@ -116,12 +122,12 @@ def run_ours(d, stage, steps, threads):
     for GRPO, the median rollout time within it."""
     out = os.path.join(d, f"out_{stage}")
     common = [f"--out_dir={out}", f"--max_iters={steps}", "--eval_interval=0", "--log_interval=1",
-              f"--save_interval={10 * steps}", "--progress=False", f"--seed={SEED}"]
+              f"--save_interval={10 * steps}", "--progress=False", f"--seed={SEED}", f"--beta2={BETA2}",
+              f"--grad_clip={CLIP}"]
     if stage == "sft":
         argv = ["train_sft.py", f"--init_from={d}/ours", "--policy=keep", f"--traces_file={d}/traces.jsonl",
                 "--traces_ratio=1.0", f"--batch_size={SFT['batch']}", f"--lr={SFT['lr']}", f"--min_lr={SFT['lr']}",
-                f"--block_size={BLOCK}", "--warmup_iters=0", f"--weight_decay={SFT['weight_decay']}",
-                f"--beta2={SFT['beta2']}", f"--grad_clip={SFT['clip']}"]
+                f"--block_size={BLOCK}", "--warmup_iters=0", f"--weight_decay={SFT['weight_decay']}"]
     elif stage == "grpo":
         n = GRPO["prompts"] * GRPO["group"]
         argv = ["train_grpo.py", f"--init_from={d}/ours", f"--prompts_per_step={GRPO['prompts']}",
@@ -135,9 +141,9 @@ def run_ours(d, stage, steps, threads):
                    stdout=subprocess.DEVNULL)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if "elapsed_s" in r]
-    r = dict(step_s=statistics.median(step_times([x["elapsed_s"] for x in rows])))
+    r = dict(step_s=settled_median(step_times([x["elapsed_s"] for x in rows])))
     if stage == "grpo":
-        r["generate_s"] = statistics.median(step_times([x["rollout_s"] for x in rows]))
+        r["generate_s"] = settled_median(step_times([x["rollout_s"] for x in rows]))
         r["tokens"] = statistics.mean(x["completion_len"] for x in rows) * GRPO["prompts"] * GRPO["group"]
     return r
 
@@ -186,12 +192,13 @@ def trl_child(d, stage, steps):
 
     same = dict(output_dir=os.path.join(d, f"trl_{stage}"), max_steps=steps, logging_steps=1, save_strategy="no",
                 report_to="none", use_cpu=True, bf16=False, seed=SEED, disable_tqdm=True, lr_scheduler_type="constant",
-                warmup_steps=0, adam_beta1=0.9, adam_beta2=SFT["beta2"], max_grad_norm=SFT["clip"],
+                warmup_steps=0, adam_beta1=0.9, adam_beta2=BETA2, max_grad_norm=CLIP,
                 dataloader_num_workers=0)
     tok, task = get_tokenizer("byte"), get_task("arith")
     gen = []
     if stage == "sft":
-        rows = [trl_labels(json.loads(line), tok.bk_id) for line in open(os.path.join(d, "traces.jsonl"))]
+        traces = [json.loads(line) for line in open(os.path.join(d, "traces.jsonl"))]
+        rows = [trl_labels(t, tok.bk_id) for t in traces]
         args = trl.SFTConfig(per_device_train_batch_size=SFT["batch"], learning_rate=SFT["lr"],
                              weight_decay=SFT["weight_decay"], max_length=BLOCK, packing=False, **same)
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
@@ -235,13 +242,13 @@ def trl_child(d, stage, steps):
         trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                  processing_class=tokenizer, callbacks=[Clock()])
     if stage == "sft":
-        r0 = bare_models(d, trainer, rows, tok)
+        r0 = bare_models(d, trainer, traces, rows, tok)
     trainer.train()
     ends = [t for e, t in marks if e == "end"]
     begins = [t for e, t in marks if e == "begin"]
     pre = [t for e, t in marks if e == "pre_opt"]
     opt = [t for e, t in marks if e == "opt"]
-    med = lambda xs: statistics.median(xs[2:] or xs)
+    med = settled_median
     r = dict(step_s=med([b - a for a, b in zip(ends, ends[1:])]),
              forward_backward_s=med([p - b for b, p in zip(begins, pre)]),
              optimizer_s=med([o - p for p, o in zip(pre, opt)]),
@@ -254,18 +261,17 @@ def trl_child(d, stage, steps):
     print(json.dumps(r))
 
 
-def bare_models(d, trainer, rows, tok, reps=3):
+def bare_models(d, trainer, traces, rows, tok, reps=3):
     """The two models' forward + backward alone on one batch of SFT traces (TRL's collator's batch for
-    the Hugging Face model, our collate for ours), best of reps, with their losses: what of the step
-    gap is the model and what is the loop around it."""
+    the Hugging Face model, our collate for ours; rows are the traces as TRL's examples), best of
+    reps, with their losses: what of the step gap is the model and what is the loop around it."""
     import time
     from data import collate
     from model import sft_loss
     n = SFT["batch"]
     hf_batch = trainer.data_collator(rows[:n])
     ours = GPT.from_pretrained(os.path.join(d, "ours")).train()
-    lines = [json.loads(line) for _, line in zip(range(n), open(os.path.join(d, "traces.jsonl")))]
-    batch = collate([layout(Trace(t["prompt"], t["response"]), tok.bk_id, "keep", mask_errors=True) for t in lines])
+    batch = collate([layout(Trace(t["prompt"], t["response"]), tok.bk_id, "keep", mask_errors=True) for t in traces[:n]])
     hf_model = trainer.model
 
     def timed(fn):
