@@ -180,6 +180,11 @@ def main(argv=None):
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
     extra = read_traces(cfg.traces_file, tok.n_vocab) if cfg.traces_file else None
     model, _ = build_model(cfg, tok, device)
+    if cfg.init_from == "resume" and (model.verifier is not None) != (cfg.verifier_weight > 0):
+        # the optimizer state of the run holds the head's moments, or does not: it resumes only as it was
+        raise SystemExit(f"error: --verifier_weight={cfg.verifier_weight}: the run in {cfg.out_dir} was trained "
+                         f"{'with' if model.verifier is not None else 'without'} a verifier head; resume it with "
+                         f"{'a weight > 0' if model.verifier is not None else '--verifier_weight=0'}")
     if cfg.verifier_weight > 0:   # a checkpoint that has one (a resumed run) keeps its own
         add_verifier(model)
     model.to(device)

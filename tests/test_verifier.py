@@ -164,3 +164,21 @@ def test_verifier_training_run_and_export(tmp_path):
         p = subprocess.run([sys.executable, *args, f"--ckpt={plain}", "--trigger=0.5"], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
         assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "verifier head" in p.stderr, p.stderr
+
+
+def test_resume_keeps_the_head_as_it_was(tmp_path):
+    """A run resumes with its own verifier setting; switching --verifier_weight between 0 and > 0 on
+    resume (the optimizer state holds the head's moments, or does not) is one line naming the flag."""
+    tiny_args = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=128", "--n_train=100", "--eval_interval=0",
+                 "--progress=False", "--max_iters=4", "--batch_size=4", "--save_interval=2", "--stop_at=2"]
+    for weight, switched in (("1.0", "0"), ("0", "1.0")):
+        out = str(tmp_path / f"w{weight}")
+        run = lambda *a: subprocess.run([sys.executable, "train_sft.py", f"--out_dir={out}", *tiny_args, *a], cwd=ROOT,
+                                        capture_output=True, text=True, timeout=300)
+        p = run(f"--verifier_weight={weight}")
+        assert p.returncode == 0, p.stderr
+        p = run("--init_from=resume", f"--verifier_weight={switched}")
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "--verifier_weight" in p.stderr, p.stderr
+        p = run("--init_from=resume", "--stop_at=0")   # its own setting, from the saved run
+        assert p.returncode == 0, p.stderr
+        assert (GPT.from_pretrained(out).verifier is not None) == (weight != "0")
