@@ -26,6 +26,8 @@ Components (each returned, for logging, next to the weighted total):
   correction_bonus < clean_bonus on purpose: a correction beats not correcting, but writing a
   deliberate error just to fix it never beats answering right the first time (else "always
   backtrack" is a reward hack).
+  With a process reward model (train_grpo.py --prm), the component is the model's instead: see
+  prm_process_score below.
 - format: half for ending with end-of-text (not truncated), half for a well-formed answer
   (task.well_formed: exactly one '####' line, the last, with a parseable number), so a hedged
   answer (`#### 17\n#### 18`) or text after the answer never earns the whole format credit.
@@ -46,7 +48,10 @@ no-op `8 BK 8` as a correction (`88` is wrong), which would pay the bonus for po
 import math
 from dataclasses import dataclass, field
 
-from data import Curriculum, count_backtracks, phase_at, resolve
+import torch
+
+from data import Curriculum, Trace, completion_batch, count_backtracks, phase_at, resolve
+from model import action_logits
 
 COMPONENTS = ("outcome", "process", "backtrack", "format")
 
@@ -110,10 +115,12 @@ def backtrack_score(n_bk, draft_right, final_right, budget, rc):
     return -rc.failed_penalty
 
 
-def score(task, tok, problem, response, budget=None, rc=None):
+def score(task, tok, problem, response, budget=None, rc=None, process=None):
     """Reward components of one completion. response: the raw action ids (BKs included, ending in
     end-of-text unless truncated). budget: the backtrack budget in force (None = no cap).
-    Returns a dict: the four COMPONENTS plus facts for logging (n_bk, right, draft_right, ...)."""
+    process: the process component from a process reward model (prm_process_score); None = the
+    task's step checks. Returns a dict: the four COMPONENTS plus facts for logging (n_bk, right,
+    draft_right, ...; `process_rule`, the step checks' share, whichever gives the component)."""
     rc = rc or RewardConfig()
     bk = tok.bk_id
     final = resolve(response, bk)
@@ -122,9 +129,11 @@ def score(task, tok, problem, response, budget=None, rc=None):
     right = is_right(task, text, problem)
     draft_right = right if n_bk == 0 else is_right(task, text_of(tok, draft_ids(response, bk)), problem)
     ended = len(final) > 0 and final[-1] in tok.stop_ids
+    rule = process_score(task, text, problem)
     return dict(
         outcome=outcome_score(task, text, problem),
-        process=process_score(task, text, problem),
+        process=rule if process is None else process,
+        process_rule=rule,
         backtrack=backtrack_score(n_bk, draft_right, right, budget, rc),
         format=0.5 * ended + 0.5 * bool(task.well_formed(text)),
         n_bk=n_bk, right=right, draft_right=draft_right, ended=ended,
@@ -159,6 +168,58 @@ def deletion_stats(response, reference, bk_id):
             ok.append((not ok or ok[-1]) and i < len(reference) and reference[i] == t)
             stack.append(t)
     return good, bad
+
+
+# -----------------------------------------------------------------------------
+# a process reward model: a verifier head (model.add_verifier) scoring each step
+
+
+def step_ends(tok, resolved):
+    """Where the steps (lines) of a resolved response end: the index just past each newline, and
+    the index of the final stop token (the answer line ends there). A step is scored at the action
+    that follows it, where the head reads its last token as the top of the stack; a line still open
+    at the end of a truncated response has no such action and is not scored."""
+    ends = []
+    for i, t in enumerate(resolved):
+        if t in tok.stop_ids:
+            if i > 0 and (not ends or ends[-1] != i):
+                ends.append(i)
+            break
+        if b"\n" in tok.token_bytes(t) and i + 1 < len(resolved):
+            ends.append(i + 1)
+    return ends
+
+
+@torch.no_grad()
+def step_wrong_probs(prm, tok, prompts, resolved, rule, batch_size=64):
+    """The head's probability that each step is wrong, per response: at each step end (step_ends),
+    p(the last surviving token is an error), from one teacher-forced forward over prompt + resolved
+    response (no BKs: both policies lay it out alike). Returns a list of lists."""
+    device = next(prm.parameters()).device
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        part = list(zip(prompts[s:s + batch_size], resolved[s:s + batch_size]))
+        batch = completion_batch([Trace(q, r) for q, r in part], [0] * len(part), tok.bk_id, rule, device=device)
+        _, v = action_logits(prm, batch, verify=True)
+        p = torch.sigmoid(v.float()).tolist()
+        first = 0   # actions are laid out row after row, one per response token
+        for _, r in part:
+            out.append([p[first + e] for e in step_ends(tok, r)])
+            first += len(r)
+    return out
+
+
+def prm_process_score(probs, threshold=0.5):
+    """The process component from a process reward model's step probabilities (of being wrong):
+        1 - sum over steps of max(p - threshold, 0) / (1 - threshold), floored at 0.
+    A step the PRM passes (p <= threshold) costs nothing and one it flags costs up to 1: the score
+    can only fall as steps are added (the "clip" form of Gao et al. 2024, "On designing effective
+    RL reward at training time for LLM reasoning"). A mean of step scores instead would pay for
+    padding a solution with easy steps, and a PRM can be gamed where a rule cannot. With it the
+    clean solution keeps the top process score whenever the PRM passes its steps, so it still
+    strictly beats every shortcut (tests/test_reward.py: the other components order them); a PRM
+    that flags a right step makes the clean solution lose that much, which no reward can prevent."""
+    return max(0.0, 1.0 - sum(max(p - threshold, 0.0) for p in probs) / (1.0 - threshold))
 
 
 def total(components, weights):

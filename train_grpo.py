@@ -37,7 +37,8 @@ from data import Trace, as_rule, collate, layout
 from decode import generate
 from model import GPT, action_logprobs, lora_modules, unwrap
 from plot import write_run_curves
-from reward import COMPONENTS, RewardConfig, WeightSchedule, budget_at, score, total
+from reward import (COMPONENTS, RewardConfig, WeightSchedule, budget_at, prm_process_score, score, step_wrong_probs,
+                    total)
 from tasks import checkpoint_task, prompt_ids
 
 
@@ -63,6 +64,9 @@ class Config:
     max_backtracks: int = 8          # hard cap in generation: BK is banned once this many are spent
     # reward (reward.py)
     reward_weights: str = "constant"  # preset (constant | notes) or 'start:outcome=..,process=..;start:...'
+    prm: str = ""                    # a checkpoint with a verifier head: the process component is its step scores
+                                     # (reward.prm_process_score), not the task's step checks; "" = the checks
+    prm_threshold: float = 0.5       # a step costs process reward only where the PRM's p(wrong) exceeds this
     budget: str = "exp"              # backtrack budget: exp | none | phases 'start:budget,...'
     budget_max: float = 8.0          # exp: budget = max(budget_min, budget_max * budget_decay ** progress)
     budget_min: float = 2.0
@@ -165,9 +169,10 @@ def kl_k3(logp, ref_logp):
 
 
 @torch.no_grad()
-def rollout(model, tok, task, problems, cfg, rule, seed, budget, weights, rc):
-    """G completions of each problem, generated together; each scored. Returns one dict per
-    completion (group after group): prompt, response, logprobs, reward, components."""
+def rollout(model, tok, task, problems, cfg, rule, seed, budget, weights, rc, prm=None):
+    """G completions of each problem, generated together; each scored (the process component by
+    `prm`, a frozen model with a verifier head, when given). Returns one dict per completion
+    (group after group): prompt, response, logprobs, reward, components."""
     raw = unwrap(model)
     was_training = raw.training
     raw.eval()
@@ -176,9 +181,13 @@ def rollout(model, tok, task, problems, cfg, rule, seed, budget, weights, rc):
                     top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cfg.max_backtracks, seed=seed,
                     stop_ids=tok.stop_ids)
     raw.train(was_training)
+    process = [None] * len(outs)
+    if prm is not None:
+        probs = step_wrong_probs(prm, tok, prompts, [o["resolved"] for o in outs], rule, cfg.micro_batch)
+        process = [prm_process_score(p, cfg.prm_threshold) for p in probs]
     rows = []
     for i, o in enumerate(outs):
-        c = score(task, tok, problems[i // cfg.group_size], o["response"], budget, rc)
+        c = score(task, tok, problems[i // cfg.group_size], o["response"], budget, rc, process[i])
         rows.append(dict(prompt=prompts[i], response=o["response"], logprobs=o["logprobs"],
                          reward=total(c, weights), **c))
     return rows
@@ -249,6 +258,26 @@ def check_args(cfg, world):
     for k, allowed in (("loss_type", ("dapo", "dr_grpo", "grpo")), ("scale_rewards", ("group", "batch", "none"))):
         if getattr(cfg, k) not in allowed:
             raise SystemExit(f"error: --{k}={getattr(cfg, k)}: expected one of {', '.join(allowed)}")
+    if not 0 <= cfg.prm_threshold < 1:
+        raise SystemExit(f"error: --prm_threshold={cfg.prm_threshold}: must be in [0, 1)")
+    if cfg.prm and not os.path.isfile(os.path.join(cfg.prm, "config.json")):
+        raise SystemExit(f"error: no checkpoint at --prm={cfg.prm!r}")
+
+
+def load_prm(path, tok, device):
+    """The frozen process reward model: a checkpoint with a verifier head, on the policy's tokenizer.
+    A separate copy, so its scores stay fixed while the policy trains (the policy's own head reads
+    a trunk that moves)."""
+    prm = GPT.from_pretrained(path, device=device)
+    if prm.verifier is None:
+        raise SystemExit(f"error: --prm={path!r} has no verifier head (train it with train_sft.py --verifier_weight > 0)")
+    if prm.config.n_vocab != tok.n_vocab:
+        raise SystemExit(f"error: --prm={path!r} has {prm.config.n_vocab} tokens, the policy's tokenizer "
+                         f"{tok.n_vocab}: a PRM must share the policy's tokenizer")
+    prm.eval()
+    for p in prm.parameters():
+        p.requires_grad_(False)
+    return prm
 
 
 def main(argv=None):
@@ -273,6 +302,7 @@ def main(argv=None):
         ref = GPT.from_pretrained(sft_path, device=device)
         for p in ref.parameters():
             p.requires_grad_(False)
+    prm = load_prm(cfg.prm, tok, device) if cfg.prm else None
     rc = RewardConfig(cfg.clean_bonus, cfg.correction_bonus, cfg.unnecessary_penalty, cfg.failed_penalty, cfg.cap_penalty)
     weight_schedule = WeightSchedule.from_string(cfg.reward_weights)
     pool = task.problems("train", n=cfg.n_train, seed=cfg.seed)
@@ -309,7 +339,7 @@ def main(argv=None):
         mine = probs[rank * P_local:(rank + 1) * P_local]
         tg = time.time()
         rows = rollout(model, tok, task, mine, cfg, rule, (cfg.seed * 1_000_003 + step) * 1024 + rank,
-                       budget, weights, rc)
+                       budget, weights, rc, prm)
         gen_time += time.time() - tg
         gen_tokens += sum(len(r["response"]) for r in rows)
 
@@ -387,7 +417,8 @@ def main(argv=None):
                  bk=sum(r["n_bk"] for r in rows), backtracked=sum(r["n_bk"] > 0 for r in rows),
                  over_budget=sum(r["over_budget"] for r in rows), acc=sum(r["outcome"] == 1.0 for r in rows),
                  fixed=sum(r["fixed"] for r in rows), failed=sum(r["failed"] for r in rows),
-                 unnecessary=sum(r["unnecessary"] for r in rows), **stats)
+                 unnecessary=sum(r["unnecessary"] for r in rows), process_rule=sum(r["process_rule"] for r in rows),
+                 **stats)
         for k in COMPONENTS:
             s[k] = sum(r[k] for r in rows)
             s[k + "_sq"] = sum(r[k] ** 2 for r in rows)
@@ -404,6 +435,7 @@ def main(argv=None):
                      completion_len=s["completion_len"] / n, truncated=s["truncated"] / n, bk_per_sample=s["bk"] / n,
                      share_backtracked=s["backtracked"] / n, over_budget=s["over_budget"] / n,
                      bk_fixed=s["fixed"] / n, bk_failed=s["failed"] / n, bk_unnecessary=s["unnecessary"] / n,
+                     process_rule=s["process_rule"] / n,   # the step checks' share, also under a PRM
                      acc=s["acc"] / n, clip_low=s["clip_low"] / ntok, clip_high=s["clip_high"] / ntok,
                      clip_region=(s["clip_low"] + s["clip_high"]) / ntok, kl=s["kl"] / ntok,
                      rollout_tokens_per_s=gen_tokens * world / max(gen_time, 1e-9), rollout_s=gen_time,

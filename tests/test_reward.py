@@ -6,7 +6,7 @@ step checks, well-formedness and "every step right" rule behind that."""
 import pytest
 
 import train_grpo
-from reward import RewardConfig, WeightSchedule, is_right, score, total
+from reward import RewardConfig, WeightSchedule, is_right, prm_process_score, score, total
 from tasks import Task, get_task
 from tokenizer import get_tokenizer
 
@@ -43,17 +43,22 @@ def all_weights():
     return [(default, 0.0)] + [("notes", t) for t in (0.0, 0.4, 0.9)]
 
 
-def assert_clean_is_strictly_best(task, problem, rows):
+def assert_clean_is_strictly_best(task, problem, rows, prm=(None,)):
+    """prm: process components a process reward model may give a shortcut (None: the step checks).
+    With a PRM the clean solution gets 1.0, the clip form's score when the PRM passes its steps
+    (reward.prm_process_score); a shortcut may get anything, up to that same top score."""
     rc = default_rc()
     for schedule, t in all_weights():
         w = WeightSchedule.from_string(schedule).at(t)
         for budget in BUDGETS:
-            best = total(score(task, TOK, problem, rows["clean"], budget, rc), w)
-            for name, resp in rows.items():
-                if name == "clean":
-                    continue
-                got = total(score(task, TOK, problem, resp, budget, rc), w)
-                assert got < best, (name, schedule, t, budget, got, best)
+            for process in prm:
+                clean = None if process is None else 1.0
+                best = total(score(task, TOK, problem, rows["clean"], budget, rc, clean), w)
+                for name, resp in rows.items():
+                    if name == "clean":
+                        continue
+                    got = total(score(task, TOK, problem, resp, budget, rc, process), w)
+                    assert got < best, (name, schedule, t, budget, process, got, best)
 
 
 def arith_rows():
@@ -178,3 +183,14 @@ def test_every_generated_solution_is_right_and_scores_full(name):
     for p in task.problems("train", n=50):
         c = score(task, TOK, p, trace(p["solution"]))
         assert c["right"] and (c["outcome"], c["process"], c["backtrack"], c["format"]) == (1.0, 1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("name", ["arith", "countdown"])
+def test_clean_solution_still_strictly_best_under_any_prm_that_passes_it(name):
+    """train_grpo.py --prm: the process component comes from a learned model, which a policy can
+    fool. Under the clip form no shortcut can score more process reward than a clean solution the
+    PRM passes, and the other components alone still order every row of the table below it, so
+    the property holds whatever the PRM says of the shortcuts (0, 0.5 or the top score 1)."""
+    task, problem, rows = (ARITH, P, arith_rows()) if name == "arith" else (COUNTDOWN, CD, countdown_rows())
+    assert_clean_is_strictly_best(task, problem, rows, prm=(0.0, 0.5, 1.0))
+    assert prm_process_score([0.2, 0.4, 0.1]) == 1.0   # the clean solution's score when every step passes
