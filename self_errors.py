@@ -2,6 +2,7 @@
 Backtrack traces from the model's own errors (research notes 2.6, 4.3, 4.4).
 
     python self_errors.py --ckpt=out/sft --n=500 --samples=4 --out=out/self_traces.jsonl
+    python self_errors.py --ckpt=out/sft --locate=rollouts --rollouts=8 --out=out/located_traces.jsonl
     python train_sft.py --init_from=out/sft --out_dir=out/sft2 --traces_file=out/self_traces.jsonl \\
         --traces_ratio=0.5 --max_iters=500 --lr=3e-4 --min_lr=3e-5 --warmup_iters=10 --seed=2
     python train_dpo.py --init_from=out/sft --pairs_file=out/self_pairs.jsonl
@@ -49,6 +50,28 @@ learns to backtrack after every line (on the default arith model, accuracy at T=
 deleted a token of a correct prefix, shared = prompt + that correct prefix, chosen = the rest of the
 reference, rejected = the model's own actions from that BK on. Each pair records its kind
 (backtrack | needless).
+
+Where the error is, by rollouts (--locate=rollouts; OmegaPRM, Luo et al. 2024). The reference is
+one solution of many, and on a task like GSM8K a model's right route rarely spells it. Here the
+first wrong step (line) of a wrong completion is found by asking the model itself: from the prefix
+holding its first i steps, --rollouts continuations are sampled (backtracks allowed inside a
+continuation, never into the prefix: that is the prompt now). If any reaches a verified answer, the
+first i steps can still be completed right, so the first error lies later. Prefix 0 (the problem
+alone) must be solvable, or the sample is dropped ('unsolved'); all M steps are wrong by definition
+(the completion is), so a binary search finds the first step after which no rollout succeeds in
+1 + ceil(log2 M) checks, all open searches advancing one check per batched generate call. The trace
+is: the model's own steps before it, the wrong step from the first token where it departs from
+a successful rollout's continuation of the last good prefix (at most --max_error tokens, else
+'long_step'; the opening both share is kept, since slot bans forbid rewriting a deleted token at
+its slot), one BK per deleted token, and the rest of that continuation: it resolves to a verified
+solution. The search assumes that a step
+after the first error never makes the solution completable again; a rollout that misses a rare
+good continuation moves the located error earlier, so --rollouts trades tokens for accuracy, and
+--rollout_budget caps the tokens one search may spend ('over_budget'). DPO pairs reject the rest
+of the model's completion after the wrong step. Each search also writes its process labels
+(--labels_out): the step ends, the located first error, the share of successful rollouts of every
+prefix checked and, where the task has step checks, the checker's own first wrong step; the stats
+report how often the two agree and what the search cost in generated tokens.
 """
 import json
 import os
@@ -81,8 +104,12 @@ class Config:
     top_p: float = 1.0
     max_new_tokens: int = 0          # 0 = the checkpoint's
     max_backtracks: int = -1         # cap while sampling (-1: none; 0: no backtracks, the raw errors)
-    divergence: str = "step"         # step | token (see the docstring)
-    max_error: int = 8               # K: at most this many error tokens (and BKs) per trace
+    locate: str = "reference"        # reference | rollouts: where the first error is (see the docstring)
+    divergence: str = "step"         # step | token (see the docstring; locate=reference)
+    max_error: int = 0               # K: at most this many error tokens (and BKs) per trace; 0 = 8 by reference, 32 by rollouts
+    rollouts: int = 4                # continuations sampled from each checked prefix (locate=rollouts)
+    rollout_budget: int = 0          # at most this many generated tokens per search; 0 = no limit
+    labels_out: str = ""             # process labels (locate=rollouts); "" = next to --out, 'traces' -> 'labels' in the name
     needless_pairs: bool = True         # also DPO pairs against the model's needless deletions (see the docstring)
     filter: bool = True
     filter_score: str = "full"       # full | correction (see the docstring)
@@ -196,6 +223,126 @@ def candidate(tok, task, p, prompt, resolved, cfg):
     return c, None
 
 
+# -----------------------------------------------------------------------------
+# the first wrong step, located by rollouts (see the docstring)
+
+
+def step_bounds(tok, resolved):
+    """[0, end of step 1, ..., end of step M] in a resolved completion: resolved[:b[i]] holds its first
+    i steps (lines, each with its newline; the last may have none). The final stop token is no step."""
+    n = len(resolved) - (1 if resolved and resolved[-1] in tok.stop_ids else 0)
+    b = [0] + [i + 1 for i in range(n) if b"\n" in tok.token_bytes(resolved[i])]
+    return b if b[-1] == n else b + [n]
+
+
+def locate_first_errors(searches, sample, wins, rollouts, budget=0):
+    """OmegaPRM's binary search, for many searches at once. A search is a dict with prompt, resolved
+    and bounds (step_bounds); on return it holds `end` (located | unsolved | over_budget) and, when
+    located, `first` (the 1-based index of its first wrong step) and `good` (a winning continuation
+    of the prefix before it), plus `values` (prefix -> share of winning rollouts), `tokens` (actions
+    generated) and `checks`. sample(prompts) -> generate-like outputs (response, resolved);
+    wins(search, ids) -> whether the prefix + continuation ids are a right, finished solution."""
+    for s in searches:
+        assert len(s["bounds"]) >= 2, "a search needs at least one step"
+        s.update(lo=0, hi=len(s["bounds"]) - 1, at=0, values={}, tokens=0, checks=0, end=None)
+    active = list(searches)
+    while active:
+        outs = sample([s["prompt"] + s["resolved"][:s["bounds"][s["at"]]] for s in active for _ in range(rollouts)])
+        still = []
+        for j, s in enumerate(active):
+            prefix = s["resolved"][:s["bounds"][s["at"]]]
+            conts = outs[j * rollouts:(j + 1) * rollouts]
+            s["tokens"] += sum(len(o["response"]) for o in conts)
+            s["checks"] += 1
+            good = [o["resolved"] for o in conts if wins(s, prefix + o["resolved"])]
+            s["values"][s["at"]] = len(good) / rollouts
+            if good:
+                s["lo"], s["good"] = s["at"], good[0]
+            elif s["at"] == 0:
+                s["end"] = "unsolved"   # not even the problem alone: nothing to locate against
+                continue
+            else:
+                s["hi"] = s["at"]
+            if s["hi"] - s["lo"] == 1:
+                s["end"], s["first"] = "located", s["hi"]
+            elif budget and s["tokens"] >= budget:
+                s["end"] = "over_budget"
+            else:
+                s["at"] = (s["lo"] + s["hi"]) // 2
+                still.append(s)
+        active = still
+    return searches
+
+
+def solves(tok, task, p, ids):
+    """Whether resolved response ids are a finished (a stop token ends them), verified solution of p."""
+    return bool(ids) and ids[-1] in tok.stop_ids and task.verify(tok.decode([t for t in ids if t not in tok.stop_ids]), p)
+
+
+def checker_first_error(tok, task, p, resolved, bounds):
+    """The first step (1-based) the task's step checks call wrong (line_is_wrong), or None."""
+    for i in range(1, len(bounds)):
+        if line_is_wrong(tok, task, p, resolved, bounds[i - 1], bounds[i]):
+            return i
+    return None
+
+
+def located_candidate(tok, s, max_error):
+    """A located search -> (candidate dict as candidate() makes, None) or (None, reason)."""
+    b, i = s["bounds"], s["first"]
+    step, good = s["resolved"][b[i - 1]:b[i]], s["good"]
+    # the wrong step's opening tokens that the winning continuation writes too stay: deleting and
+    # rewriting a token at its own slot is what slot bans forbid (docs/backtrack-semantics.md §4)
+    k = 0
+    while k < len(step) and k < len(good) and step[k] == good[k]:
+        k += 1
+    if k == len(step):
+        return None, "noisy"       # a winning rollout wrote the located step itself: sampling noise
+    if len(step) - k > max_error:
+        return None, "long_step"
+    prefix, err = s["resolved"][:b[i - 1]] + step[:k], step[k:]
+    c = dict(prompt=s["prompt"], prefix=prefix + err, n_err=len(err), correction=good[k:],
+             rejected=s["resolved"][b[i]:], reference=prefix + good[k:], question=s["p"]["question"])
+    c["response"] = prefix + err + [tok.bk_id] * len(err) + c["correction"]
+    assert resolve(c["response"], tok.bk_id) == c["reference"]
+    return c, None
+
+
+def locate(model, tok, task, searches, rule, cfg, cap, max_new_tokens, stats):
+    """Run the rollout searches with the model's own sampler; fill `stats` (counts, agreement with
+    the step checker, token cost) and return one process-label row per located search."""
+    calls = [0]
+
+    def sample(prompts):
+        calls[0] += 1
+        outs = []
+        for i in range(0, len(prompts), cfg.batch_size):
+            outs += generate(model, prompts[i:i + cfg.batch_size], max_new_tokens=max_new_tokens, **as_rule(rule),
+                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cap,
+                             seed=(cfg.seed * 1_000_003 + calls[0]) * 1024 + i, stop_ids=tok.stop_ids)
+        return outs
+
+    locate_first_errors(searches, sample, lambda s, ids: solves(tok, task, s["p"], ids), cfg.rollouts,
+                        cfg.rollout_budget)
+    labels, agree, checked = [], 0, 0
+    for s in searches:
+        stats[s["end"]] = stats.get(s["end"], 0) + 1
+        if s["end"] != "located":
+            continue
+        truth = checker_first_error(tok, task, s["p"], s["resolved"], s["bounds"])
+        if truth is not None:
+            checked += 1
+            agree += truth == s["first"]
+        labels.append(dict(prompt=s["prompt"], response=s["resolved"], step_ends=s["bounds"][1:], first_error=s["first"],
+                           values={str(k): v for k, v in sorted(s["values"].items())}, checker_first_error=truth,
+                           question=s["p"]["question"]))
+    spent = sum(s["tokens"] for s in searches)
+    stats.update(searched=len(searches), rollout_tokens=spent, rollout_checks=sum(s["checks"] for s in searches),
+                 tokens_per_search=spent / max(len(searches), 1), tokens_per_located=spent / max(len(labels), 1),
+                 checker_checked=checked, checker_agree=agree / checked if checked else None)
+    return labels
+
+
 def needless_deletion(response, reference, bk_id):
     """The first BK of a sampled response that deletes a token of a correct prefix (the surviving
     tokens are a prefix of the reference): (j, k), j the length of that prefix and k the index of
@@ -248,10 +395,11 @@ def apply_filter(model, cands, bk_id, rule, score="full", threshold=0.0, batch_s
 # -----------------------------------------------------------------------------
 
 
-def pairs_path(out):
+def pairs_path(out, kind="pairs"):
+    """The file beside --out for `kind` (pairs | labels): 'traces' -> kind in its name, or a suffix."""
     d, b = os.path.split(out)
     root, ext = os.path.splitext(b)
-    return os.path.join(d, b.replace("traces", "pairs") if "traces" in b else root + "_pairs" + (ext or ".jsonl"))
+    return os.path.join(d, b.replace("traces", kind) if "traces" in b else root + "_" + kind + (ext or ".jsonl"))
 
 
 def main(argv=None):
@@ -260,7 +408,13 @@ def main(argv=None):
     if cfg.divergence not in ("step", "token") or cfg.filter_score not in ("full", "correction"):
         raise ValueError(f"--divergence={cfg.divergence} --filter_score={cfg.filter_score}: expected step|token and "
                          "full|correction")
-    for k in ("n", "samples", "batch_size", "max_error"):
+    if cfg.locate not in ("reference", "rollouts"):
+        raise ValueError(f"--locate={cfg.locate}: expected reference | rollouts")
+    if cfg.max_error == 0:   # a located error runs to its step's end from where a winning rollout departs
+        cfg.max_error = 8 if cfg.locate == "reference" else 32
+    if cfg.rollout_budget < 0:
+        raise ValueError(f"--rollout_budget={cfg.rollout_budget}: must be at least 0 (0: no limit)")
+    for k in ("n", "samples", "batch_size", "max_error", "rollouts"):
         if getattr(cfg, k) < 1:
             raise ValueError(f"--{k}={getattr(cfg, k)}: must be at least 1")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
@@ -283,7 +437,23 @@ def main(argv=None):
     jobs = [(p, prompt_ids(tok, task, p)) for p in problems for _ in range(cfg.samples)]
     stats = dict(samples=len(jobs), correct=0, wrong=0)
     cands, needless_pairs, seen = [], [], set()
+    searches, searched, labels = [], set(), []
     cap = None if cfg.max_backtracks < 0 else cfg.max_backtracks
+
+    def count(why):
+        stats[why] = stats.get(why, 0) + 1
+
+    def add(c, why):
+        """A candidate trace, unless it is unusable (why), too long or sampled before."""
+        if c is None:
+            return count(why)
+        if len(c["prompt"]) + len(c["response"]) > model.config.block_size:
+            return count("too_long")
+        key = (tuple(c["prompt"]), tuple(c["prefix"]), tuple(c["rejected"]))
+        if key in seen:  # the same error and continuation sampled twice: write it once
+            return count("duplicate")
+        seen.add(key)
+        cands.append(c)
     for s in range(0, len(jobs), cfg.batch_size):
         part = jobs[s:s + cfg.batch_size]
         outs = generate(model, [q for _, q in part], max_new_tokens=max_new_tokens, **as_rule(rule),
@@ -307,19 +477,23 @@ def main(argv=None):
                 stats["correct"] += 1
                 continue
             stats["wrong"] += 1
-            c, why = candidate(tok, task, p, prompt, resolved, cfg)
-            if c is None:
-                stats[why] = stats.get(why, 0) + 1
+            if cfg.locate == "rollouts":
+                if len(step_bounds(tok, resolved)) < 2:
+                    count("ended_early")   # no step written: nothing to delete
+                elif resolved[-1] not in tok.stop_ids:
+                    count("cut_off")       # unfinished, so not known to be wrong
+                elif (tuple(prompt), tuple(resolved)) in searched:
+                    count("duplicate")
+                else:
+                    searched.add((tuple(prompt), tuple(resolved)))
+                    searches.append(dict(p=p, prompt=prompt, resolved=resolved, bounds=step_bounds(tok, resolved)))
                 continue
-            if len(prompt) + len(c["response"]) > model.config.block_size:
-                stats["too_long"] = stats.get("too_long", 0) + 1
-                continue
-            key = (tuple(prompt), tuple(c["prefix"]), tuple(c["rejected"]))
-            if key in seen:  # the same error and continuation sampled twice: write it once
-                stats["duplicate"] = stats.get("duplicate", 0) + 1
-                continue
-            seen.add(key)
-            cands.append(c)
+            add(*candidate(tok, task, p, prompt, resolved, cfg))
+    if cfg.locate == "rollouts":
+        labels = locate(model, tok, task, searches, rule, cfg, cap, max_new_tokens, stats)
+        for s in searches:
+            if s["end"] == "located":
+                add(*located_candidate(tok, s, cfg.max_error))
     stats["candidates"] = len(cands)
     kept = cands
     if cfg.filter:
@@ -331,6 +505,10 @@ def main(argv=None):
 
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     pairs_out = cfg.pairs_out or pairs_path(cfg.out)
+    if cfg.locate == "rollouts":
+        labels_out = cfg.labels_out or pairs_path(cfg.out, "labels")
+        with open(labels_out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in labels)
     written = set()
     n_traces = n_pairs = 0
     with open(cfg.out, "w") as ft, open(pairs_out, "w") as fp:
@@ -350,7 +528,8 @@ def main(argv=None):
             fp.write(json.dumps(q) + "\n")
     stats.update(traces=n_traces, pairs=n_pairs, needless_pairs=len(needless_pairs), seconds=round(time.time() - t0, 1))
     print(json.dumps(stats))
-    print(f"wrote {n_traces} traces to {cfg.out} and {n_pairs + len(needless_pairs)} DPO pairs to {pairs_out}")
+    print(f"wrote {n_traces} traces to {cfg.out} and {n_pairs + len(needless_pairs)} DPO pairs to {pairs_out}"
+          + (f"; {len(labels)} process labels to {labels_out}" if cfg.locate == "rollouts" else ""))
     with open(os.path.splitext(cfg.out)[0] + ".stats.json", "w") as f:
         json.dump(dict(config=asdict(cfg), **stats), f, indent=1)
     return stats
