@@ -28,6 +28,14 @@ generated tokens, and pass@k (an oracle picks any right sample) an upper bound. 
                    each batch drawn from its own errors (self_errors.py)
     <v>+dpo        the SFT model of <v>, then token-level DPO (--stage_iters steps) on pairs from
                    its own errors
+    rewind_head      rewind with a verifier head (--verifier_weight=1). With --triggers, every model
+                     with a head is also evaluated with head-triggered backtracks at each tau
+    <v>+grpo_prm   GRPO whose process reward is the <v> model's own head (train_grpo.py --prm)
+    <v>+located    as +self, but the errors located by rollouts (self_errors.py --locate=rollouts,
+                   --rollouts each): its head, if any, now also learns from the model's own samples;
+                   the table beside reports how often the located first error is the step checker's
+                   and what the search cost
+    <v>+located_prm  GRPO from the <v> model with the +located model's head as its process reward
 The second stages add training on top of the base run; compare them with each other and with
 their base, not with the base variants at equal tokens.
 
@@ -70,6 +78,7 @@ VARIANTS = {
     "dfs_keep": ["--augment=dfs", "--backtrack_ratio=1.0", "--curriculum=0:none", "--policy=keep", "--mask_errors=True"],
     "dfs_keep_unmasked": ["--augment=dfs", "--backtrack_ratio=1.0", "--curriculum=0:none", "--policy=keep",
                           "--mask_errors=False"],
+    "rewind_head": ["--policy=rewind", "--mask_errors=True", "--verifier_weight=1.0"],
     "retry_weak_keep": ["--augment=retry_weak", "--backtrack_ratio=1.0", "--curriculum=0:16", "--policy=keep", "--mask_errors=False"],
 }
 
@@ -90,6 +99,8 @@ class Config:
     grpo_iters: int = 100
     stage_iters: int = 300           # steps of the +self and +dpo stages
     self_n: int = 300                # train problems sampled (x4) for the model's own errors
+    rollouts: int = 4                # +located: continuations per checked prefix
+    triggers: str = ""               # head-triggered evaluations of every model with a head, e.g. "0.35,0.5,0.65"
     oracle: bool = False             # also the clean model as proposer in a depth-first search its task's rule checker verifies (sudoku)
     jobs: int = 1                    # runs at a time, each with cores/jobs threads (small models use 2 cores better as 2 jobs)
     sft_args: str = ""               # extra --key=value args for every SFT run, space separated
@@ -112,27 +123,36 @@ def curve(path):
     return [(r["step"], r["eval/greedy/acc"]) for r in rows if "eval/greedy/acc" in r]
 
 
+def triggers(cfg, path):
+    """The trigger thresholds to evaluate this checkpoint at: --triggers when it has a verifier head."""
+    has_head = read_json(os.path.join(path, "config.json"))["config"].get("verifier", False)
+    return [t for t in cfg.triggers.split(",") if t.strip()] if has_head else []
+
+
 def final_eval(cfg, path, vote):
     """evaluate.py on the test split and, with --long_kwargs, the harder one; flattened as
-    '<split>/<greedy|t1|vote>/<metric>'. vote: also the k-sample majority vote and pass@k."""
+    '<split>/<greedy|t1|vote>/<metric>'. vote: also the k-sample majority vote and pass@k. A model
+    with a head is also evaluated at each --triggers tau, as 'trigger<tau>:<split>/...'."""
     res = {}
     splits = [("test", cfg.task_kwargs)] + ([("long", cfg.long_kwargs)] if cfg.long_kwargs else [])
-    for split, kw in splits:
-        out = os.path.join(path, f"eval_{split}.json")
-        run("evaluate.py", f"--ckpt={path}", f"--n={cfg.eval_n}", f"--out={out}", "--seed=1",
-            *([f"--task_kwargs={kw}"] if kw else []), *([f"--max_new_tokens={cfg.max_new_tokens}"] if cfg.max_new_tokens else []),
-            *([f"--samples={cfg.vote_k}"] if vote and cfg.vote_k > 1 else []),
-            *(["--oracle_search=True"] if vote and cfg.oracle else []))
-        for label, m in read_json(out).items():
-            if label in ("greedy", "oracle_search") or label.startswith(("T=", "vote")):   # the passes, not task_kwargs
-                key = {"greedy": "greedy", "oracle_search": "oracle"}.get(label, "vote" if label.startswith("vote") else "t1")
-                res.update({f"{split}/{key}/{k}": v for k, v in m.items()})
+    for tau in [""] + triggers(cfg, path):
+        for split, kw in splits:
+            out = os.path.join(path, f"eval_{split}{'_trigger' + tau if tau else ''}.json")
+            run("evaluate.py", f"--ckpt={path}", f"--n={cfg.eval_n}", f"--out={out}", "--seed=1",
+                *([f"--task_kwargs={kw}"] if kw else []), *([f"--max_new_tokens={cfg.max_new_tokens}"] if cfg.max_new_tokens else []),
+                *([f"--samples={cfg.vote_k}"] if vote and cfg.vote_k > 1 and not tau else []),
+                *(["--oracle_search=True"] if vote and cfg.oracle and not tau else []), *([f"--trigger={tau}"] if tau else []))
+            for label, m in read_json(out).items():
+                if label in ("greedy", "oracle_search") or label.startswith(("T=", "vote")):   # the passes, not task_kwargs
+                    key = {"greedy": "greedy", "oracle_search": "oracle"}.get(label, "vote" if label.startswith("vote") else "t1")
+                    res.update({f"{'trigger' + tau + ':' if tau else ''}{split}/{key}/{k}": v for k, v in m.items()})
     return res
 
 
-def run_grpo(cfg, run_dir, out, seed, args):
+def run_grpo(cfg, run_dir, out, seed, args, extra=()):
+    """GRPO from the base run (args, the base's SFT flags, are not GRPO's; extra flags are)."""
     run("train_grpo.py", f"--init_from={run_dir}", f"--out_dir={out}", f"--seed={seed}", f"--max_iters={cfg.grpo_iters}",
-        f"--eval_interval={cfg.grpo_iters}", f"--eval_n={cfg.eval_n}", "--progress=False", *cfg.grpo_args.split())
+        f"--eval_interval={cfg.grpo_iters}", f"--eval_n={cfg.eval_n}", "--progress=False", *cfg.grpo_args.split(), *extra)
 
 
 def own_errors(cfg, run_dir, seed):
@@ -144,8 +164,17 @@ def own_errors(cfg, run_dir, seed):
     return traces, pairs
 
 
-def run_self(cfg, run_dir, out, seed, args):
-    traces, _ = own_errors(cfg, run_dir, seed)
+def located_errors(cfg, run_dir, seed):
+    """The model's own errors located by rollouts, once per base run: (traces, search stats)."""
+    traces = os.path.join(run_dir, "located_traces.jsonl")
+    if not os.path.exists(traces):
+        run("self_errors.py", f"--ckpt={run_dir}", f"--n={cfg.self_n}", f"--out={traces}", f"--seed={seed}",
+            "--locate=rollouts", f"--rollouts={cfg.rollouts}")
+    return traces, read_json(os.path.splitext(traces)[0] + ".stats.json")
+
+
+def run_self(cfg, run_dir, out, seed, args, traces=None):
+    traces = traces or own_errors(cfg, run_dir, seed)[0]
     run("train_sft.py", *args, f"--init_from={run_dir}", f"--out_dir={out}", f"--seed={seed}", f"--traces_file={traces}",
         "--traces_ratio=0.5", f"--max_iters={cfg.stage_iters}", f"--eval_interval={cfg.stage_iters}",
         f"--save_interval={cfg.stage_iters}", f"--eval_n={cfg.eval_n}", "--progress=False",
@@ -159,7 +188,23 @@ def run_dpo(cfg, run_dir, out, seed, args):
         "--eval_at_start=False", "--progress=False")
 
 
-STAGES = {"": None, "grpo": run_grpo, "self": run_self, "dpo": run_dpo}
+def run_located(cfg, run_dir, out, seed, args):
+    run_self(cfg, run_dir, out, seed, args, traces=located_errors(cfg, run_dir, seed)[0])
+
+
+def run_grpo_prm(cfg, run_dir, out, seed, args, prm=None):
+    run_grpo(cfg, run_dir, out, seed, args, extra=[f"--prm={prm or run_dir}"])
+
+
+def run_located_prm(cfg, run_dir, out, seed, args):
+    prm = run_dir + "-located"   # the +located model: its head has learned from the model's own located errors
+    if not os.path.exists(os.path.join(prm, "train_state.pt")):
+        run_located(cfg, run_dir, prm, seed, args)
+    run_grpo_prm(cfg, run_dir, out, seed, args, prm)
+
+
+STAGES = {"": None, "grpo": run_grpo, "self": run_self, "dpo": run_dpo, "grpo_prm": run_grpo_prm,
+          "located": run_located, "located_prm": run_located_prm}
 
 
 def main(argv=None):
@@ -209,7 +254,11 @@ def main(argv=None):
                 out = run_dir + "-" + stage
                 if not os.path.exists(os.path.join(out, "train_state.pt")):
                     STAGES[stage](cfg, run_dir, out, seed, args)
-                save(f"{v}/seed{seed}", dict(variant=v, seed=seed, **final_eval(cfg, out, vote=False)))
+                row = dict(variant=v, seed=seed, **final_eval(cfg, out, vote=False))
+                if stage.startswith("located"):   # what locating the errors found and cost
+                    found = located_errors(cfg, run_dir, seed)[1]
+                    row.update({f"locate/{k}": x for k, x in found.items() if isinstance(x, (int, float))})
+                save(f"{v}/seed{seed}", row)
 
     if cfg.jobs > 1:
         THREADS["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
@@ -222,7 +271,9 @@ def main(argv=None):
     splits = ["test"] + (["long"] if cfg.long_kwargs else [])
     last = splits[-1]
     cols = [(f"{m} ({sp})", f"{sp}/{k}/acc") for sp in splits for m, k in (("greedy", "greedy"), ("T=1", "t1"))]
-    cols += [(f"bk/sample T=1 ({last})", f"{last}/t1/bk_per_sample"),
+    cols += [(f"deletion precision greedy ({last})", f"{last}/greedy/precision"),
+             (f"deletion precision T=1 ({last})", f"{last}/t1/precision"),
+             (f"bk/sample T=1 ({last})", f"{last}/t1/bk_per_sample"),
              (f"tokens/problem greedy ({last})", f"{last}/greedy/mean_len"),
              (f"GFLOPs/problem greedy ({last})", f"{last}/greedy/flops_per_problem")]
     lines = ["| variant | seeds | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
@@ -234,7 +285,7 @@ def main(argv=None):
     def baseline(label, runs, acc_cols, keys):
         """A row whose accuracy sits in the acc_cols ('greedy' or 'T=1') of each split, its costs from keys."""
         row = [cell(runs, f"{sp}/{keys[0]}") if c == acc_cols else "" for sp in splits for c in ("greedy", "T=1")]
-        row += ["", cell(runs, f"{last}/{keys[1]}"), cell(runs, f"{last}/{keys[2]}")]
+        row += ["", "", "", cell(runs, f"{last}/{keys[1]}"), cell(runs, f"{last}/{keys[2]}")]
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(row) + " |")
 
     curves = {}
@@ -243,6 +294,9 @@ def main(argv=None):
         if not runs:
             continue
         lines.append(f"| {v} | {len(runs)} | " + " | ".join(cell(runs, k) for _, k in cols) + " |")
+        for tau in [t for t in cfg.triggers.split(",") if t.strip() and any(f"trigger{t}:test/greedy/acc" in r for r in runs)]:
+            lines.append(f"| {v}, head trigger {tau} | {len(runs)} | "
+                         + " | ".join(cell(runs, f"trigger{tau}:{k}") for _, k in cols) + " |")
         if v == "clean" and cfg.vote_k > 1:   # the baselines at equal generated tokens
             baseline(f"clean, majority of {cfg.vote_k} at T=1", runs, "T=1",
                      ("vote/majority_acc", "vote/tokens_per_problem", "vote/flops_per_problem"))
@@ -251,9 +305,20 @@ def main(argv=None):
         if v == "clean" and cfg.oracle:
             baseline("clean proposes, rule checker verifies (DFS)", runs, "greedy",
                      ("oracle/acc", "oracle/mean_len", "oracle/flops_per_problem"))
-        if all("curve" in r for r in runs):
+        if all(r.get("curve") for r in runs):   # a run trained with no evaluations has no curve
             pts = list(zip(*[r["curve"] for r in runs]))
             curves[v] = [(statistics.mean(p[0] for p in col), statistics.mean(p[1] for p in col)) for col in pts]
+    located = [v for v in variants if v.partition("+")[2].startswith("located")]
+    if located:   # rollout-located first errors (self_errors.py --locate=rollouts) against the step checker
+        loc = [("searched", "searched"), ("located", "located"), ("agrees with the checker", "checker_agree"),
+               ("rollout tokens per located error", "tokens_per_located"), ("traces kept", "traces")]
+        lines += ["", f"First errors located by rollouts ({cfg.rollouts} per checked prefix), from the base models' "
+                  f"samples of {cfg.self_n} x 4 train problems:", "",
+                  "| base | seeds | " + " | ".join(c for c, _ in loc) + " |", "|---" * (len(loc) + 2) + "|"]
+        for v in dict.fromkeys(v.partition("+")[0] for v in located):
+            runs = [r for r in results.values() if r["variant"].startswith(v + "+located")]
+            runs = list({r["seed"]: r for r in runs}.values())   # one search per base run
+            lines.append(f"| {v} | {len(runs)} | " + " | ".join(cell(runs, f"locate/{k}") for _, k in loc) + " |")
     table = "\n".join(lines)
     with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
         f.write(table + "\n")

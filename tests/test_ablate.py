@@ -80,3 +80,42 @@ def test_sudoku_search_rows(tmp_path):
     table = open(os.path.join(out, "table.md")).read()
     assert "| clean proposes, rule checker verifies (DFS) | 1 |" in table and "GFLOPs/problem" in table
     assert "| dfs_keep | 1 |" in table
+
+
+def test_verifier_head_rows(tmp_path, monkeypatch):
+    """rewind_head and its stages: head-triggered rows for every model with a head (--triggers), GRPO
+    with the base's head as PRM (+grpo_prm) and with the +located model's (+located_prm), and the
+    location table (the located traces are hand-built: an untrained model makes no usable errors)."""
+    import random
+    from data import build_traces
+    from tasks import get_task
+    from tokenizer import Tokenizer
+    tok, task = Tokenizer("byte"), get_task("arith")
+    traces = build_traces(tok, task, task.problems("train", n=8), random.Random(0), backtrack_ratio=1.0, max_backtracks=2)
+    calls = []
+
+    def fake_located(cfg, run, seed):
+        t = os.path.join(run, "located_traces.jsonl")
+        with open(t, "w") as f:
+            for tr in traces:
+                f.write(json.dumps(dict(prompt=tr.prompt, response=tr.response)) + "\n")
+        calls.append(run)
+        return t, dict(searched=10, located=8, checker_agree=0.75, tokens_per_located=120.0, traces=8, note="text")
+
+    monkeypatch.setattr(ablate, "located_errors", fake_located)
+    out = str(tmp_path / "abl")
+    sft = "--n_layer=1 --n_head=2 --n_embd=32 --n_train=200 --max_new_tokens=8 --batch_size=8 --warmup_iters=1"
+    grpo = "--prompts_per_step=2 --group_size=2 --max_new_tokens=8 --eval_at_start=False"
+    ablate.main([f"--out_dir={out}", "--variants=rewind_head,rewind_head+grpo_prm,rewind_head+located,rewind_head+located_prm",
+                 "--seeds=1", "--tokens=500", "--eval_n=2", "--eval_points=1", "--stage_iters=1", "--grpo_iters=1",
+                 f"--sft_args={sft}", f"--grpo_args={grpo}", "--triggers=0.5", "--vote_k=0"])
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert set(res) == {f"{v}/seed0" for v in ("rewind_head", "rewind_head+grpo_prm", "rewind_head+located",
+                                                "rewind_head+located_prm")}
+    assert "trigger0.5:test/greedy/acc" in res["rewind_head/seed0"] and "test/greedy/precision" in res["rewind_head/seed0"]
+    assert res["rewind_head+located/seed0"]["locate/checker_agree"] == 0.75
+    grpo_cfg = json.load(open(os.path.join(out, "rewind_head", "seed0-located_prm", "config.json")))["train_config"]
+    assert grpo_cfg["prm"].endswith("seed0-located")   # the +located model's head scores the process
+    table = open(os.path.join(out, "table.md")).read()
+    assert "| rewind_head, head trigger 0.5 | 1 |" in table and "| rewind_head+located_prm, head trigger 0.5 | 1 |" in table
+    assert "agrees with the checker" in table and "| rewind_head | 1 | 10.000" in table
