@@ -1,4 +1,4 @@
-# Recipe, stage 2 of 4: SFT of an instruct checkpoint on GSM8K, half of each batch LCS traces of
+# Recipe, stage 2 of 6: SFT of an instruct checkpoint on GSM8K, half of each batch LCS traces of
 # slips (research notes 4.2) and half traces of the model's own wrong train-split solutions
 # (self_errors.py, stage 1). A config file for train_sft.py; --key=value flags after it override it:
 #   python train_sft.py recipes/gsm8k_sft.py --init_from=$MODEL --tokenizer=$MODEL

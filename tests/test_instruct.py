@@ -647,8 +647,10 @@ def test_evaluate_reports_strict_and_lenient(folder):
 
 
 def test_gsm8k_recipe_runs_end_to_end(folder, tmp_path):
-    """Own errors, SFT with them and LCS slips, GRPO, evaluation: the recipe's own config files, with
-    flags that make it tiny and CPU-sized, on a random checkpoint with its family's real tokenizer files."""
+    """Own errors, SFT with them and LCS slips, errors located by rollouts, a second SFT round with a
+    verifier head, GRPO with that head as process reward, evaluation: the recipe's own config files,
+    with flags that make it tiny and CPU-sized, on a random checkpoint with its family's real
+    tokenizer files."""
     import evaluate
     import self_errors
     import train_grpo
@@ -671,9 +673,23 @@ def test_gsm8k_recipe_runs_end_to_end(folder, tmp_path):
                     *small])
     sft = GPT.from_pretrained(out("sft"))
     assert sft.meta["train_config"]["chat"] and sft.meta["train_config"]["task"] == "gsm8k"
-    train_grpo.main(["recipes/gsm8k_grpo.py", f"--init_from={out('sft')}", f"--out_dir={out('grpo')}", "--max_iters=1",
-                     "--prompts_per_step=2", "--group_size=2", "--micro_batch=4", "--n_train=20", "--eval_interval=1",
-                     *small])
+    # stage 3: first errors located by rollouts. A random model never finishes in 8 tokens, so every
+    # sample is cut off and nothing is searched; round 2 then trains on stage 1's traces alone
+    # (tests/test_prm.py locates real first errors, on scripted continuations and a trained model)
+    located = self_errors.main([f"--ckpt={out('sft')}", "--locate=rollouts", "--rollouts=2", "--n=3", "--samples=1",
+                                "--max_new_tokens=8", f"--out={out('located_traces.jsonl')}"])
+    assert located["samples"] == 3 and "searched" in located and os.path.exists(out("located_labels.jsonl"))
+    with open(out("round2_traces.jsonl"), "w") as f:
+        for name in ("self_traces.jsonl", "located_traces.jsonl"):
+            f.write(open(out(name)).read())
+    train_sft.main(["recipes/gsm8k_located.py", f"--init_from={out('sft')}", f"--tokenizer={out('sft')}", f"--out_dir={out('sft2')}",
+                    f"--traces_file={out('round2_traces.jsonl')}", "--dtype=float32", "--max_iters=2", "--batch_size=2",
+                    "--grad_accum=1", "--n_train=20", "--warmup_iters=1", "--eval_interval=2", "--save_interval=2",
+                    *small])
+    assert GPT.from_pretrained(out("sft2")).verifier is not None
+    train_grpo.main(["recipes/gsm8k_grpo.py", f"--init_from={out('sft2')}", f"--prm={out('sft2')}", f"--out_dir={out('grpo')}",
+                     "--max_iters=1", "--prompts_per_step=2", "--group_size=2", "--micro_batch=4", "--n_train=20",
+                     "--eval_interval=1", *small])
     evaluate.main([f"--ckpt={out('grpo')}", "--n=2", "--max_new_tokens=8"])
     with open(os.path.join(out("grpo"), "eval.json")) as f:
         res = json.load(f)
