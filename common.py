@@ -70,7 +70,9 @@ def configure(cfg, argv):
             else:
                 raise SystemExit(f"error: {arg} needs a value: {arg}=VALUE")
         try:
-            v = ast.literal_eval(v)
+            lit = ast.literal_eval(v)
+            # a string field keeps its text ('0.35,0.5' is no tuple), unless the text is a quoted string
+            v = lit if not isinstance(getattr(cfg, k, None), str) or isinstance(lit, str) else v
         except (ValueError, SyntaxError):
             pass
         _set(cfg, types, k, v, arg)

@@ -160,3 +160,13 @@ def test_every_step_draws_from_the_traces_file(tmp_path):
             "--eval_interval=0")
     tokens = [json.loads(line)["tokens"] for line in open(os.path.join(out, "metrics.jsonl")) if '"tokens"' in line]
     assert tokens == [4 * per_trace] * 8   # each step's fed tokens
+
+
+def test_a_string_flag_keeps_its_text():
+    """--key=value for a string field is the text as written: a comma list is not a Python tuple
+    ('0.35,0.5' once became '(0.35, 0.5)'), a number stays its digits, a quoted string loses its quotes."""
+    import ablate
+    from common import configure
+    cfg = ablate.Config()
+    configure(cfg, ["--triggers=0.35,0.5,0.65", "--task_kwargs=1", "--variants='clean'", "--seeds=2"])
+    assert (cfg.triggers, cfg.task_kwargs, cfg.variants, cfg.seeds) == ("0.35,0.5,0.65", "1", "clean", 2)
