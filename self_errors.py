@@ -71,7 +71,9 @@ good continuation moves the located error earlier, so --rollouts trades tokens f
 of the model's completion after the wrong step. Each search also writes its process labels
 (--labels_out): the step ends, the located first error, the share of successful rollouts of every
 prefix checked and, where the task has step checks, the checker's own first wrong step; the stats
-report how often the two agree and what the search cost in generated tokens.
+report how often the two agree and what the search cost in generated tokens. A model with a verifier
+head is also read as a process reward model there: the share of the checker's right and wrong
+steps it flags (p > 0.5 at the step's end) and its mean p on each.
 """
 import json
 import os
@@ -85,6 +87,7 @@ from common import cli, configure, decoding_rule, load_model, parse_kwargs
 from data import Trace, as_rule, completion_batch, resolve
 from decode import generate
 from model import completion_logprobs
+from reward import step_wrong_probs
 from tasks import checkpoint_task, prompt_ids
 
 
@@ -336,6 +339,18 @@ def locate(model, tok, task, searches, rule, cfg, cap, max_new_tokens, stats):
         labels.append(dict(prompt=s["prompt"], response=s["resolved"], step_ends=s["bounds"][1:], first_error=s["first"],
                            values={str(k): v for k, v in sorted(s["values"].items())}, checker_first_error=truth,
                            question=s["p"]["question"]))
+    if getattr(model, "verifier", None) is not None:   # the model's own head, read as a PRM, against the checker
+        flags = {True: [], False: []}   # step wrong by the checker -> the head's p(wrong) at its end
+        probs = step_wrong_probs(model, tok, [s["prompt"] for s in searches], [s["resolved"] for s in searches], rule,
+                                 cfg.batch_size)
+        for s, ps in zip(searches, probs):
+            truth = checker_first_error(tok, task, s["p"], s["resolved"], s["bounds"])
+            if truth is not None:   # steps before the first wrong one are right, the rest wrong
+                for i, q in enumerate(ps[:len(s["bounds"]) - 1], 1):
+                    flags[i >= truth].append(q)
+        for k, v in (("right", flags[False]), ("wrong", flags[True])):
+            stats[f"head_flags_{k}_steps"] = sum(q > 0.5 for q in v) / len(v) if v else None
+            stats[f"head_p_{k}_steps"] = sum(v) / len(v) if v else None
     spent = sum(s["tokens"] for s in searches)
     stats.update(searched=len(searches), rollout_tokens=spent, rollout_checks=sum(s["checks"] for s in searches),
                  tokens_per_search=spent / max(len(searches), 1), tokens_per_located=spent / max(len(labels), 1),

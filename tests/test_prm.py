@@ -194,6 +194,7 @@ def test_rollouts_and_prm_command_lines(tmp_path):
     assert p.returncode == 0, p.stderr
     stats = json.load(open(str(tmp_path / "loc_traces.stats.json")))
     assert stats["searched"] == sum(stats.get(k, 0) for k in ("located", "unsolved", "over_budget")) > 0
+    assert {"head_flags_wrong_steps", "head_p_right_steps"} <= set(stats)   # its head read as a PRM, vs the checker
     assert os.path.exists(str(tmp_path / "loc_labels.jsonl")) and os.path.exists(str(tmp_path / "loc_pairs.jsonl"))
     for line in open(str(tmp_path / "loc_labels.jsonl")):
         row = json.loads(line)
