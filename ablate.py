@@ -126,7 +126,7 @@ def curve(path):
 def triggers(cfg, path):
     """The trigger thresholds to evaluate this checkpoint at: --triggers when it has a verifier head."""
     has_head = read_json(os.path.join(path, "config.json"))["config"].get("verifier", False)
-    return [t for t in cfg.triggers.split(",") if t.strip()] if has_head else []
+    return [t.strip() for t in cfg.triggers.split(",") if t.strip()] if has_head else []
 
 
 def final_eval(cfg, path, vote):
@@ -213,6 +213,13 @@ def main(argv=None):
     for k in ("seeds", "tokens", "eval_n", "eval_points", "grpo_iters", "stage_iters", "self_n", "jobs"):
         if getattr(cfg, k) < 1:
             raise SystemExit(f"error: --{k}={getattr(cfg, k)}: must be at least 1")
+    for t in filter(None, (t.strip() for t in cfg.triggers.split(","))):
+        try:
+            ok = 0 < float(t) < 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SystemExit(f"error: --triggers={cfg.triggers}: each tau a probability in (0, 1)")
     variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
     for v in variants:
         base, _, stage = v.partition("+")
@@ -294,7 +301,7 @@ def main(argv=None):
         if not runs:
             continue
         lines.append(f"| {v} | {len(runs)} | " + " | ".join(cell(runs, k) for _, k in cols) + " |")
-        for tau in [t for t in cfg.triggers.split(",") if t.strip() and any(f"trigger{t}:test/greedy/acc" in r for r in runs)]:
+        for tau in [t.strip() for t in cfg.triggers.split(",") if any(f"trigger{t.strip()}:test/greedy/acc" in r for r in runs)]:
             lines.append(f"| {v}, head trigger {tau} | {len(runs)} | "
                          + " | ".join(cell(runs, f"trigger{tau}:{k}") for _, k in cols) + " |")
         if v == "clean" and cfg.vote_k > 1:   # the baselines at equal generated tokens

@@ -218,7 +218,9 @@ def prm_process_score(probs, threshold=0.5):
     padding a solution with easy steps, and a PRM can be gamed where a rule cannot. With it the
     clean solution keeps the top process score whenever the PRM passes its steps, so it still
     strictly beats every shortcut (tests/test_reward.py: the other components order them); a PRM
-    that flags a right step makes the clean solution lose that much, which no reward can prevent."""
+    that flags a right step makes the clean solution lose that much, which no reward can prevent.
+    A response with no finished step scores 1 here (nothing flagged); the other components keep
+    it below the clean solution (the same table: the empty, truncated and answer-only rows)."""
     return max(0.0, 1.0 - sum(max(p - threshold, 0.0) for p in probs) / (1.0 - threshold))
 
 

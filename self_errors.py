@@ -58,7 +58,8 @@ holding its first i steps, --rollouts continuations are sampled (backtracks allo
 continuation, never into the prefix: that is the prompt now). If any reaches a verified answer, the
 first i steps can still be completed right, so the first error lies later. Prefix 0 (the problem
 alone) must be solvable, or the sample is dropped ('unsolved'); all M steps are wrong by definition
-(the completion is), so a binary search finds the first step after which no rollout succeeds in
+(a finished completion with a well-formed answer line that is wrong; others are not searched:
+'cut_off', 'no_answer'), so a binary search finds the first step after which no rollout succeeds in
 1 + ceil(log2 M) checks, all open searches advancing one check per batched generate call. The trace
 is: the model's own steps before it, the wrong step from the first token where it departs from
 a successful rollout's continuation of the last good prefix (at most --max_error tokens, else
@@ -67,13 +68,16 @@ its slot), one BK per deleted token, and the rest of that continuation: it resol
 solution. The search assumes that a step
 after the first error never makes the solution completable again; a rollout that misses a rare
 good continuation moves the located error earlier, so --rollouts trades tokens for accuracy, and
---rollout_budget caps the tokens one search may spend ('over_budget'). DPO pairs reject the rest
-of the model's completion after the wrong step. Each search also writes its process labels
+--rollout_budget caps the tokens one search may spend ('over_budget'; checked after each round,
+so a search may overrun it by one round). DPO pairs reject the rest of the model's completion after
+the wrong step. Each located search also writes its process labels
 (--labels_out): the step ends, the located first error, the share of successful rollouts of every
-prefix checked and, where the task has step checks, the checker's own first wrong step; the stats
-report how often the two agree and what the search cost in generated tokens. A model with a verifier
-head is also read as a process reward model there: the share of the checker's right and wrong
-steps it flags (p > 0.5 at the step's end) and its mean p on each.
+prefix checked and, on the synthetic tasks (every line a checked step), the checker's own first
+wrong step; the stats report how often the two agree (over the located errors the checker can
+judge) and what the search cost in generated tokens. A model with a verifier head is also read as
+a process reward model there, on the searched samples: the share of their right steps (before the
+checker's first wrong one) and of their wrong steps (from it on) that it flags (p > 0.5 at the
+step's end), and its mean p on each.
 """
 import json
 import os
@@ -88,7 +92,7 @@ from data import Trace, as_rule, completion_batch, resolve
 from decode import generate
 from model import completion_logprobs
 from reward import step_wrong_probs
-from tasks import checkpoint_task, prompt_ids
+from tasks import SyntheticTask, checkpoint_task, prompt_ids
 
 
 @dataclass
@@ -282,8 +286,25 @@ def solves(tok, task, p, ids):
     return bool(ids) and ids[-1] in tok.stop_ids and task.verify(tok.decode([t for t in ids if t not in tok.stop_ids]), p)
 
 
+def unsearchable(tok, task, resolved):
+    """Why a wrong completion cannot be searched (None when it can). The search takes the whole
+    completion to be wrong; that holds only for a finished one whose answer line is well formed, so
+    that some step of it is wrong. One that stops before its answer may have none."""
+    if len(step_bounds(tok, resolved)) < 2:
+        return "ended_early"       # no step written: nothing to delete
+    if resolved[-1] not in tok.stop_ids:
+        return "cut_off"           # unfinished, so not known to be wrong
+    if not task.well_formed(tok.decode([t for t in resolved if t not in tok.stop_ids])):
+        return "no_answer"         # every step may be right, only the answer missing
+    return None
+
+
 def checker_first_error(tok, task, p, resolved, bounds):
-    """The first step (1-based) the task's step checks call wrong (line_is_wrong), or None."""
+    """The first step (1-based) the task's step checks call wrong (line_is_wrong), or None. Only on
+    the synthetic tasks, where every line is a checked step: on GSM8K a line of prose holds no
+    checked step and would count as wrong."""
+    if not isinstance(task, SyntheticTask):
+        return None
     for i in range(1, len(bounds)):
         if line_is_wrong(tok, task, p, resolved, bounds[i - 1], bounds[i]):
             return i
@@ -322,7 +343,7 @@ def locate(model, tok, task, searches, rule, cfg, cap, max_new_tokens, stats):
         for i in range(0, len(prompts), cfg.batch_size):
             outs += generate(model, prompts[i:i + cfg.batch_size], max_new_tokens=max_new_tokens, **as_rule(rule),
                              temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cap,
-                             seed=(cfg.seed * 1_000_003 + calls[0]) * 1024 + i, stop_ids=tok.stop_ids)
+                             seed=((cfg.seed + 1) * 1_000_003 + calls[0]) * (1 << 20) + i, stop_ids=tok.stop_ids)
         return outs
 
     locate_first_errors(searches, sample, lambda s, ids: solves(tok, task, s["p"], ids), cfg.rollouts,
@@ -493,12 +514,11 @@ def main(argv=None):
                 continue
             stats["wrong"] += 1
             if cfg.locate == "rollouts":
-                if len(step_bounds(tok, resolved)) < 2:
-                    count("ended_early")   # no step written: nothing to delete
-                elif resolved[-1] not in tok.stop_ids:
-                    count("cut_off")       # unfinished, so not known to be wrong
+                why = unsearchable(tok, task, resolved)
+                if why:
+                    count(why)
                 elif (tuple(prompt), tuple(resolved)) in searched:
-                    count("duplicate")
+                    count("duplicate_sample")   # the same wrong completion sampled twice: searched once
                 else:
                     searched.add((tuple(prompt), tuple(resolved)))
                     searches.append(dict(p=p, prompt=prompt, resolved=resolved, bounds=step_bounds(tok, resolved)))

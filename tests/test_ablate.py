@@ -3,6 +3,8 @@ import json
 import os
 import xml.dom.minidom
 
+import pytest
+
 import ablate
 
 
@@ -118,4 +120,7 @@ def test_verifier_head_rows(tmp_path, monkeypatch):
     assert grpo_cfg["prm"].endswith("seed0-located")   # the +located model's head scores the process
     table = open(os.path.join(out, "table.md")).read()
     assert "| rewind_head, head trigger 0.5 | 1 |" in table and "| rewind_head+located_prm, head trigger 0.5 | 1 |" in table
-    assert "agrees with the checker" in table and "| rewind_head | 1 | 10.000" in table
+    located_rows = table.split("agrees with the checker")[1]
+    assert "| rewind_head | 1 |" in located_rows and "0.750" in located_rows   # the search's stats, per base
+    with pytest.raises(SystemExit):
+        ablate.main([f"--out_dir={out}", "--variants=rewind_head", "--triggers=0.5,0"])

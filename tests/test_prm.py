@@ -15,7 +15,8 @@ from conftest import ROOT
 from data import resolve
 from decode import generate
 from reward import prm_process_score, step_ends, step_wrong_probs
-from self_errors import checker_first_error, locate_first_errors, located_candidate, solves, step_bounds
+from self_errors import (checker_first_error, locate_first_errors, located_candidate, solves, step_bounds,
+                         unsearchable)
 from tasks import get_task
 from test_verifier import tiny
 from tokenizer import get_tokenizer
@@ -130,6 +131,20 @@ def test_unsolved_and_over_budget_and_many_at_once():
     assert len(calls) == 1 + math.ceil(math.log2(5)) and calls[0] == 2 * len(many)
 
 
+def test_only_completions_known_to_hold_a_wrong_step_are_searched():
+    """The search takes a whole completion to be wrong: one that stops before its answer line may
+    have only right steps (it would get a 'first error' all the same), and a cut-off one is not
+    known to be wrong. On GSM8K, whose prose lines hold no checked step, there is no checker truth."""
+    assert unsearchable(TOK, ARITH, planted(3)) is None
+    assert unsearchable(TOK, ARITH, ids("7+5=12\n12+6=18\n")) == "no_answer"
+    assert unsearchable(TOK, ARITH, ids("7+5=12\n12+6", end=False)) == "cut_off"
+    assert unsearchable(TOK, ARITH, [TOK.eot_id]) == "ended_early"
+    gsm = get_task("gsm8k")
+    q = gsm.problems("train", n=1)[0]
+    r = ids("First find the total.\n3+4=7\n#### 8")
+    assert checker_first_error(TOK, gsm, q, r, step_bounds(TOK, r)) is None
+
+
 def test_step_ends():
     """Steps end past each newline and at the final stop token; a truncated line is not scored."""
     r = ids("ab\ncd\n#### 3")
@@ -193,7 +208,11 @@ def test_rollouts_and_prm_command_lines(tmp_path):
             "--max_new_tokens=24", f"--out={traces}", "--filter=False")
     assert p.returncode == 0, p.stderr
     stats = json.load(open(str(tmp_path / "loc_traces.stats.json")))
-    assert stats["searched"] == sum(stats.get(k, 0) for k in ("located", "unsolved", "over_budget")) > 0
+    # every wrong sample is searched or dropped for a reason, every search ends one way (a tiny model
+    # rarely finishes, so there may be nothing to search: the scripted tests above do the searching)
+    assert stats["wrong"] == stats["searched"] + sum(stats.get(k, 0) for k in ("ended_early", "cut_off", "no_answer",
+                                                                              "duplicate_sample"))
+    assert stats["searched"] == sum(stats.get(k, 0) for k in ("located", "unsolved", "over_budget"))
     assert {"head_flags_wrong_steps", "head_p_right_steps"} <= set(stats)   # its head read as a PRM, vs the checker
     assert os.path.exists(str(tmp_path / "loc_labels.jsonl")) and os.path.exists(str(tmp_path / "loc_pairs.jsonl"))
     for line in open(str(tmp_path / "loc_labels.jsonl")):
@@ -204,7 +223,8 @@ def test_rollouts_and_prm_command_lines(tmp_path):
             "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=16", "--eval_interval=0", "--progress=False")
     assert p.returncode == 0, p.stderr
     m = [json.loads(line) for line in open(os.path.join(grpo, "metrics.jsonl")) if '"reward/process_mean"' in line]
-    assert m and 0.0 <= m[0]["reward/process_mean"] <= 1.0 and "process_rule" in m[0]
+    # the process component is the PRM's, not the step checks' (an untrained head passes most steps)
+    assert m and 0.0 <= m[0]["reward/process_mean"] <= 1.0 and m[0]["reward/process_mean"] != m[0]["process_rule"]
     for args, needle in (([f"train_grpo.py", f"--init_from={head}", f"--out_dir={grpo}2", f"--prm={plain}"], "verifier head"),
                          ([f"train_grpo.py", f"--init_from={head}", f"--out_dir={grpo}3", f"--prm={head}",
                            "--prm_threshold=1"], "--prm_threshold"),
