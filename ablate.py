@@ -123,10 +123,15 @@ def curve(path):
     return [(r["step"], r["eval/greedy/acc"]) for r in rows if "eval/greedy/acc" in r]
 
 
+def trigger_taus(cfg):
+    """--triggers as a list of tau strings (as written: they name files and table rows)."""
+    return [t.strip() for t in cfg.triggers.split(",") if t.strip()]
+
+
 def triggers(cfg, path):
     """The trigger thresholds to evaluate this checkpoint at: --triggers when it has a verifier head."""
     has_head = read_json(os.path.join(path, "config.json"))["config"].get("verifier", False)
-    return [t.strip() for t in cfg.triggers.split(",") if t.strip()] if has_head else []
+    return trigger_taus(cfg) if has_head else []
 
 
 def final_eval(cfg, path, vote):
@@ -213,7 +218,7 @@ def main(argv=None):
     for k in ("seeds", "tokens", "eval_n", "eval_points", "grpo_iters", "stage_iters", "self_n", "jobs"):
         if getattr(cfg, k) < 1:
             raise SystemExit(f"error: --{k}={getattr(cfg, k)}: must be at least 1")
-    for t in filter(None, (t.strip() for t in cfg.triggers.split(","))):
+    for t in trigger_taus(cfg):
         try:
             ok = 0 < float(t) < 1
         except ValueError:
@@ -301,7 +306,7 @@ def main(argv=None):
         if not runs:
             continue
         lines.append(f"| {v} | {len(runs)} | " + " | ".join(cell(runs, k) for _, k in cols) + " |")
-        for tau in [t.strip() for t in cfg.triggers.split(",") if any(f"trigger{t.strip()}:test/greedy/acc" in r for r in runs)]:
+        for tau in [t for t in trigger_taus(cfg) if any(f"trigger{t}:test/greedy/acc" in r for r in runs)]:
             lines.append(f"| {v}, head trigger {tau} | {len(runs)} | "
                          + " | ".join(cell(runs, f"trigger{tau}:{k}") for _, k in cols) + " |")
         if v == "clean" and cfg.vote_k > 1:   # the baselines at equal generated tokens

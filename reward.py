@@ -174,20 +174,20 @@ def deletion_stats(response, reference, bk_id):
 # a process reward model: a verifier head (model.add_verifier) scoring each step
 
 
+def step_bounds(tok, resolved):
+    """[0, end of step 1, ..., end of step M] in a resolved response: resolved[:b[i]] holds its first
+    i steps (lines, each with its newline; the last may have none). The final stop token is no step."""
+    n = len(resolved) - (1 if resolved and resolved[-1] in tok.stop_ids else 0)
+    b = [0] + [i + 1 for i in range(n) if b"\n" in tok.token_bytes(resolved[i])]
+    return b if b[-1] == n else b + [n]
+
+
 def step_ends(tok, resolved):
-    """Where the steps (lines) of a resolved response end: the index just past each newline, and
-    the index of the final stop token (the answer line ends there). A step is scored at the action
-    that follows it, where the head reads its last token as the top of the stack; a line still open
-    at the end of a truncated response has no such action and is not scored."""
-    ends = []
-    for i, t in enumerate(resolved):
-        if t in tok.stop_ids:
-            if i > 0 and (not ends or ends[-1] != i):
-                ends.append(i)
-            break
-        if b"\n" in tok.token_bytes(t) and i + 1 < len(resolved):
-            ends.append(i + 1)
-    return ends
+    """The step ends (step_bounds) a PRM can score: a step is scored at the action that follows it,
+    where the head reads its last token as the top of the stack. The answer line ends at the final
+    stop token, whose action reads it; a line at the end of a truncated response has no such action
+    and is not scored."""
+    return [e for e in step_bounds(tok, resolved)[1:] if e < len(resolved)]
 
 
 @torch.no_grad()

@@ -91,7 +91,7 @@ from common import cli, configure, decoding_rule, load_model, parse_kwargs
 from data import Trace, as_rule, completion_batch, resolve
 from decode import generate
 from model import completion_logprobs
-from reward import step_wrong_probs
+from reward import step_bounds, step_wrong_probs, text_of
 from tasks import SyntheticTask, checkpoint_task, prompt_ids
 
 
@@ -234,14 +234,6 @@ def candidate(tok, task, p, prompt, resolved, cfg):
 # the first wrong step, located by rollouts (see the docstring)
 
 
-def step_bounds(tok, resolved):
-    """[0, end of step 1, ..., end of step M] in a resolved completion: resolved[:b[i]] holds its first
-    i steps (lines, each with its newline; the last may have none). The final stop token is no step."""
-    n = len(resolved) - (1 if resolved and resolved[-1] in tok.stop_ids else 0)
-    b = [0] + [i + 1 for i in range(n) if b"\n" in tok.token_bytes(resolved[i])]
-    return b if b[-1] == n else b + [n]
-
-
 def locate_first_errors(searches, sample, wins, rollouts, budget=0):
     """OmegaPRM's binary search, for many searches at once. A search is a dict with prompt, resolved
     and bounds (step_bounds); on return it holds `end` (located | unsolved | over_budget) and, when
@@ -283,7 +275,7 @@ def locate_first_errors(searches, sample, wins, rollouts, budget=0):
 
 def solves(tok, task, p, ids):
     """Whether resolved response ids are a finished (a stop token ends them), verified solution of p."""
-    return bool(ids) and ids[-1] in tok.stop_ids and task.verify(tok.decode([t for t in ids if t not in tok.stop_ids]), p)
+    return bool(ids) and ids[-1] in tok.stop_ids and task.verify(text_of(tok, ids), p)
 
 
 def unsearchable(tok, task, resolved):
@@ -294,7 +286,7 @@ def unsearchable(tok, task, resolved):
         return "ended_early"       # no step written: nothing to delete
     if resolved[-1] not in tok.stop_ids:
         return "cut_off"           # unfinished, so not known to be wrong
-    if not task.well_formed(tok.decode([t for t in resolved if t not in tok.stop_ids])):
+    if not task.well_formed(text_of(tok, resolved)):
         return "no_answer"         # every step may be right, only the answer missing
     return None
 
@@ -351,9 +343,9 @@ def locate(model, tok, task, searches, rule, cfg, cap, max_new_tokens, stats):
     labels, agree, checked = [], 0, 0
     for s in searches:
         stats[s["end"]] = stats.get(s["end"], 0) + 1
+        s["truth"] = truth = checker_first_error(tok, task, s["p"], s["resolved"], s["bounds"])
         if s["end"] != "located":
             continue
-        truth = checker_first_error(tok, task, s["p"], s["resolved"], s["bounds"])
         if truth is not None:
             checked += 1
             agree += truth == s["first"]
@@ -365,10 +357,9 @@ def locate(model, tok, task, searches, rule, cfg, cap, max_new_tokens, stats):
         probs = step_wrong_probs(model, tok, [s["prompt"] for s in searches], [s["resolved"] for s in searches], rule,
                                  cfg.batch_size)
         for s, ps in zip(searches, probs):
-            truth = checker_first_error(tok, task, s["p"], s["resolved"], s["bounds"])
-            if truth is not None:   # steps before the first wrong one are right, the rest wrong
-                for i, q in enumerate(ps[:len(s["bounds"]) - 1], 1):
-                    flags[i >= truth].append(q)
+            if s["truth"] is not None:   # steps before the first wrong one are right, the rest wrong
+                for i, q in enumerate(ps, 1):
+                    flags[i >= s["truth"]].append(q)
         for k, v in (("right", flags[False]), ("wrong", flags[True])):
             stats[f"head_flags_{k}_steps"] = sum(q > 0.5 for q in v) / len(v) if v else None
             stats[f"head_p_{k}_steps"] = sum(v) / len(v) if v else None
@@ -509,7 +500,7 @@ def main(argv=None):
                             <= model.config.block_size:
                         seen.add(key)
                         needless_pairs.append(q)
-            if task.verify(tok.decode([t for t in resolved if t not in tok.stop_ids]), p):
+            if task.verify(text_of(tok, resolved), p):
                 stats["correct"] += 1
                 continue
             stats["wrong"] += 1

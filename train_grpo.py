@@ -274,10 +274,7 @@ def load_prm(path, tok, device):
     if prm.config.n_vocab != tok.n_vocab:
         raise SystemExit(f"error: --prm={path!r} has {prm.config.n_vocab} tokens, the policy's tokenizer "
                          f"{tok.n_vocab}: a PRM must share the policy's tokenizer")
-    prm.eval()
-    for p in prm.parameters():
-        p.requires_grad_(False)
-    return prm
+    return prm.eval().requires_grad_(False)
 
 
 def main(argv=None):

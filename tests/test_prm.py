@@ -14,9 +14,8 @@ import torch
 from conftest import ROOT
 from data import resolve
 from decode import generate
-from reward import prm_process_score, step_ends, step_wrong_probs
-from self_errors import (checker_first_error, locate_first_errors, located_candidate, solves, step_bounds,
-                         unsearchable)
+from reward import prm_process_score, step_bounds, step_ends, step_wrong_probs
+from self_errors import checker_first_error, locate_first_errors, located_candidate, solves, unsearchable
 from tasks import get_task
 from test_verifier import tiny
 from tokenizer import get_tokenizer
