@@ -212,9 +212,8 @@ STAGES = {"": None, "grpo": run_grpo, "self": run_self, "dpo": run_dpo, "grpo_pr
           "located": run_located, "located_prm": run_located_prm}
 
 
-def main(argv=None):
-    cfg = Config()
-    configure(cfg, sys.argv[1:] if argv is None else argv)
+def check_args(cfg):
+    """Every argument, before any work: one line naming the bad one. Returns the variants."""
     for k in ("seeds", "tokens", "eval_n", "eval_points", "grpo_iters", "stage_iters", "self_n", "jobs"):
         if getattr(cfg, k) < 1:
             raise SystemExit(f"error: --{k}={getattr(cfg, k)}: must be at least 1")
@@ -231,55 +230,48 @@ def main(argv=None):
         if base not in VARIANTS or stage not in STAGES:
             raise SystemExit(f"error: unknown variant {v!r}; known: {', '.join(VARIANTS)}, each also with "
                              f"{', '.join('+' + s for s in STAGES if s)}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    results_path = os.path.join(cfg.out_dir, "results.json")
-    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-    extra = cfg.sft_args.split()
-    t_start = time.time()
-    lock = threading.Lock()
+    return variants
 
-    def save(name, row):
-        with lock:
-            results[name] = row
-            tmp = results_path + ".tmp"
-            json.dump(results, open(tmp, "w"), indent=1)
-            os.replace(tmp, results_path)
 
-    def one_seed(base, seed):
-        """Train (or find) one base run, evaluate it, and run its second stages."""
-        args = [f"--task={cfg.task}", *([f"--task_kwargs={cfg.task_kwargs}"] if cfg.task_kwargs else []),
-                *VARIANTS[base], *extra]
-        name = f"{base}/seed{seed}"
-        run_dir = os.path.join(cfg.out_dir, base, f"seed{seed}")
-        if name not in results:   # finished runs are kept: the ablation can be resumed
-            # equal tokens: train_sft sets each variant's step count from its own tokens per step
-            if not os.path.exists(os.path.join(run_dir, "train_state.pt")):
-                run("train_sft.py", *args, f"--out_dir={run_dir}", f"--seed={seed}", f"--max_tokens={cfg.tokens}",
-                    f"--evals={cfg.eval_points}", f"--save_interval={10 ** 9}", f"--eval_n={cfg.eval_n}",
-                    "--progress=False")
-            iters = read_json(os.path.join(run_dir, "config.json"))["train_config"]["max_iters"]
-            save(name, dict(variant=base, seed=seed, iters=iters, curve=[(s / iters, a) for s, a in curve(run_dir)],
-                            **final_eval(cfg, run_dir, vote=base == "clean")))
-        for stage in STAGES:
-            v = f"{base}+{stage}"
-            if stage and v in variants and f"{v}/seed{seed}" not in results:
-                out = run_dir + "-" + stage
-                if not os.path.exists(os.path.join(out, "train_state.pt")):
-                    STAGES[stage](cfg, run_dir, out, seed, args)
-                row = dict(variant=v, seed=seed, **final_eval(cfg, out, vote=False))
-                if stage.startswith("located"):   # what locating the errors found and cost
-                    found = located_errors(cfg, run_dir, seed)[1]
-                    row.update({f"locate/{k}": x for k, x in found.items() if isinstance(x, (int, float))})
-                save(f"{v}/seed{seed}", row)
+def one_seed(cfg, base, seed, variants, results, save):
+    """Train (or find) one base run, evaluate it, and run its second stages. Finished runs are kept
+    in results: the ablation can be resumed."""
+    args = [f"--task={cfg.task}", *([f"--task_kwargs={cfg.task_kwargs}"] if cfg.task_kwargs else []),
+            *VARIANTS[base], *cfg.sft_args.split()]
+    name = f"{base}/seed{seed}"
+    run_dir = os.path.join(cfg.out_dir, base, f"seed{seed}")
+    if name not in results:
+        # equal tokens: train_sft sets each variant's step count from its own tokens per step
+        if not os.path.exists(os.path.join(run_dir, "train_state.pt")):
+            run("train_sft.py", *args, f"--out_dir={run_dir}", f"--seed={seed}", f"--max_tokens={cfg.tokens}",
+                f"--evals={cfg.eval_points}", f"--save_interval={10 ** 9}", f"--eval_n={cfg.eval_n}",
+                "--progress=False")
+        iters = read_json(os.path.join(run_dir, "config.json"))["train_config"]["max_iters"]
+        save(name, dict(variant=base, seed=seed, iters=iters, curve=[(s / iters, a) for s, a in curve(run_dir)],
+                        **final_eval(cfg, run_dir, vote=base == "clean")))
+    for stage in STAGES:
+        v = f"{base}+{stage}"
+        if stage and v in variants and f"{v}/seed{seed}" not in results:
+            out = run_dir + "-" + stage
+            if not os.path.exists(os.path.join(out, "train_state.pt")):
+                STAGES[stage](cfg, run_dir, out, seed, args)
+            row = dict(variant=v, seed=seed, **final_eval(cfg, out, vote=False))
+            if stage.startswith("located"):   # what locating the errors found and cost
+                found = located_errors(cfg, run_dir, seed)[1]
+                row.update({f"locate/{k}": x for k, x in found.items() if isinstance(x, (int, float))})
+            save(f"{v}/seed{seed}", row)
 
-    if cfg.jobs > 1:
-        THREADS["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
-    jobs = [(base, seed) for base in dict.fromkeys(v.partition("+")[0] for v in variants) for seed in range(cfg.seeds)]
-    with ThreadPoolExecutor(cfg.jobs) as pool:   # threads only wait on subprocesses
-        for f in [pool.submit(one_seed, *j) for j in jobs]:
-            f.result()
-    # the table: mean +- std over seeds. Beside each row, what it cost on the harder split (the last):
-    # tokens generated per problem (BKs included) and forward GFLOPs per problem (evaluate.forward_flops)
+
+def cell(runs, k):
+    """mean ± std over seeds of one metric (GFLOPs for a flops key); n/a where no run has it."""
+    xs = [r[k] * (1e-9 if "flops" in k else 1) for r in runs if r.get(k) is not None and r[k] == r[k]]
+    return "n/a" if not xs else f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f}"
+
+
+def make_table(cfg, variants, results):
+    """The table: mean ± std over seeds. Beside each row, what it cost on the harder split (the
+    last): tokens generated per problem (BKs included) and forward GFLOPs per problem
+    (evaluate.forward_flops). Returns (markdown, the mean curve of each variant)."""
     splits = ["test"] + (["long"] if cfg.long_kwargs else [])
     last = splits[-1]
     cols = [(f"{m} ({sp})", f"{sp}/{k}/acc") for sp in splits for m, k in (("greedy", "greedy"), ("T=1", "t1"))]
@@ -289,10 +281,6 @@ def main(argv=None):
              (f"tokens/problem greedy ({last})", f"{last}/greedy/mean_len"),
              (f"GFLOPs/problem greedy ({last})", f"{last}/greedy/flops_per_problem")]
     lines = ["| variant | seeds | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
-
-    def cell(runs, k):
-        xs = [r[k] * (1e-9 if "flops" in k else 1) for r in runs if r.get(k) is not None and r[k] == r[k]]
-        return "n/a" if not xs else f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f}"
 
     def baseline(label, runs, acc_cols, keys):
         """A row whose accuracy sits in the acc_cols ('greedy' or 'T=1') of each split, its costs from keys."""
@@ -320,18 +308,51 @@ def main(argv=None):
         if all(r.get("curve") for r in runs):   # a run trained with no evaluations has no curve
             pts = list(zip(*[r["curve"] for r in runs]))
             curves[v] = [(statistics.mean(p[0] for p in col), statistics.mean(p[1] for p in col)) for col in pts]
+    return "\n".join(lines + location_table(cfg, variants, results)), curves
+
+
+def location_table(cfg, variants, results):
+    """Rollout-located first errors (self_errors.py --locate=rollouts) against the step checker: the
+    table's lines, none without a +located variant."""
     located = [v for v in variants if v.partition("+")[2].startswith("located")]
-    if located:   # rollout-located first errors (self_errors.py --locate=rollouts) against the step checker
-        loc = [("searched", "searched"), ("located", "located"), ("agrees with the checker", "checker_agree"),
-               ("rollout tokens per located error", "tokens_per_located"), ("traces kept", "traces")]
-        lines += ["", f"First errors located by rollouts ({cfg.rollouts} per checked prefix), from the base models' "
-                  f"samples of {cfg.self_n} x 4 train problems:", "",
-                  "| base | seeds | " + " | ".join(c for c, _ in loc) + " |", "|---" * (len(loc) + 2) + "|"]
-        for v in dict.fromkeys(v.partition("+")[0] for v in located):
-            runs = [r for r in results.values() if r["variant"].startswith(v + "+located")]
-            runs = list({r["seed"]: r for r in runs}.values())   # one search per base run
-            lines.append(f"| {v} | {len(runs)} | " + " | ".join(cell(runs, f"locate/{k}") for _, k in loc) + " |")
-    table = "\n".join(lines)
+    if not located:
+        return []
+    loc = [("searched", "searched"), ("located", "located"), ("agrees with the checker", "checker_agree"),
+           ("rollout tokens per located error", "tokens_per_located"), ("traces kept", "traces")]
+    lines = ["", f"First errors located by rollouts ({cfg.rollouts} per checked prefix), from the base models' "
+             f"samples of {cfg.self_n} x 4 train problems:", "",
+             "| base | seeds | " + " | ".join(c for c, _ in loc) + " |", "|---" * (len(loc) + 2) + "|"]
+    for v in dict.fromkeys(v.partition("+")[0] for v in located):
+        runs = [r for r in results.values() if r["variant"].startswith(v + "+located")]
+        runs = list({r["seed"]: r for r in runs}.values())   # one search per base run
+        lines.append(f"| {v} | {len(runs)} | " + " | ".join(cell(runs, f"locate/{k}") for _, k in loc) + " |")
+    return lines
+
+
+def main(argv=None):
+    cfg = Config()
+    configure(cfg, sys.argv[1:] if argv is None else argv)
+    variants = check_args(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    results_path = os.path.join(cfg.out_dir, "results.json")
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    t_start = time.time()
+    lock = threading.Lock()
+
+    def save(name, row):
+        with lock:
+            results[name] = row
+            tmp = results_path + ".tmp"
+            json.dump(results, open(tmp, "w"), indent=1)
+            os.replace(tmp, results_path)
+
+    if cfg.jobs > 1:
+        THREADS["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
+    jobs = [(base, seed) for base in dict.fromkeys(v.partition("+")[0] for v in variants) for seed in range(cfg.seeds)]
+    with ThreadPoolExecutor(cfg.jobs) as pool:   # threads only wait on subprocesses
+        for f in [pool.submit(one_seed, cfg, *j, variants, results, save) for j in jobs]:
+            f.result()
+    table, curves = make_table(cfg, variants, results)
     with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
         f.write(table + "\n")
     if curves:

@@ -6,33 +6,31 @@ backtrack statistics.
     python evaluate.py --ckpt=out/grpo --temperature=0.7 --out=grpo_eval.json
 
 Every number is computed on the resolved completion (docs/backtrack-semantics.md §1) with the
-task's own verifier and the one answer parser (tasks.parse_answer) that rewards use too. The
+task's own verifier and the one answer parser (tasks/answers.py) that rewards use too. The
 metrics are printed and written to <ckpt>/eval.json (or --out).
 """
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
-from common import cli, configure, decoding_rule, evaluate, load_model, longest_run, parse_kwargs
-from data import as_rule
-from decode import greedy_decodable
+from checkpoint import load_model
+from common import cli, configure, parse_kwargs
+from data import Rule, RuleFlags
+from heldout import evaluate, longest_run
 from tasks import checkpoint_task, prompt_ids
 
 
 @dataclass
-class Config:
+class Config(RuleFlags):   # --policy, --slot_bans, --max_retries: the checkpoint's unless given (data.RuleFlags)
     ckpt: str = "out/sft"
     task: str = ""                   # default: the checkpoint's task (and its settings)
     n: int = 500                     # held-out problems
     task_kwargs: str = ""            # e.g. "min_vars=8,max_vars=10" (a longer split), "shots=8" (gsm8k); default: the checkpoint's
     chat: bool = True                # prompts in the checkpoint's chat template when it has one; False: plain
-    policy: str = ""                 # rewind | keep; "" = the checkpoint's
-    slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
-    max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
     temperature: float = 1.0         # the sampled pass (greedy is always run too)
     samples: int = 1                 # > 1: also k samples per problem at --temperature: majority vote and pass@k
     max_new_tokens: int = 0          # 0 = the checkpoint's
@@ -71,7 +69,7 @@ def oracle_search(model, tok, task, problems, max_new_tokens):
     popped and banned below). The strongest search a model without backtracking gets from a
     perfect local verifier, counted in the same actions (each write or BK one generated token).
     One full forward per write (no cache): an evaluation, not a decoder. Returns (metrics, records)
-    like common.evaluate."""
+    like heldout.evaluate."""
     model.eval()
     records = []
     for p in tqdm(problems, desc="oracle search", leave=False):
@@ -129,7 +127,7 @@ def main(argv=None):
         raise ValueError(f"--trigger={cfg.trigger}: a probability in [0, 1) (0 = off)")
     if cfg.samples < 1 or (cfg.samples > 1 and cfg.temperature == 0):
         raise ValueError(f"--samples={cfg.samples}: at least 1, and several need --temperature > 0")
-    decoding_rule(cfg, {})   # checks the flags before any work
+    Rule.from_flags(cfg)   # checks the flags before any work
     model, tok = load_model(cfg.ckpt, device=cfg.device, chat=cfg.chat)
     meta = model.meta
     if cfg.trigger > 0 and model.verifier is None:
@@ -137,13 +135,13 @@ def main(argv=None):
     name, task_kwargs, task = checkpoint_task(meta, cfg.task, parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
     if cfg.oracle_search and not hasattr(task, "allowed_next"):
         raise ValueError(f"--oracle_search: task {name!r} has no rule checker (allowed_next); sudoku has one")
-    rule = decoding_rule(cfg, meta)
+    rule = Rule.from_flags(cfg, meta)
     problems = task.problems("test", n=cfg.n, seed=cfg.seed)
     max_new_tokens = cfg.max_new_tokens or meta.get("max_new_tokens", 128)
     cap = None if cfg.max_backtracks < 0 else cfg.max_backtracks
     result = {}
     passes = [("greedy", 0.0), (f"T={cfg.temperature}", cfg.temperature)]
-    if not greedy_decodable(**as_rule(rule)):   # rewind without slot bans or a retry limit: sampling only
+    if not rule.greedy_defined:   # rewind without slot bans or a retry limit: sampling only
         passes = [p for p in passes if p[1] > 0]
         print(f"greedy skipped: {rule} leaves greedy decoding undefined (docs/backtrack-semantics.md §4)")
         if not passes:
@@ -152,21 +150,21 @@ def main(argv=None):
     for label, T in passes:
         m, records = evaluate(model, tok, task, problems, rule, T, max_new_tokens=max_new_tokens, max_backtracks=cap,
                               seed=cfg.seed, progress=True, pop_below=cfg.pop_below, trigger=cfg.trigger)
-        result[label] = dict(m, flops_per_problem=forward_flops(model, prompts, records, rule["policy"]))
+        result[label] = dict(m, flops_per_problem=forward_flops(model, prompts, records, rule.policy))
     if cfg.samples > 1:
         _, records = evaluate(model, tok, task, [p for p in problems for _ in range(cfg.samples)], rule,
                               cfg.temperature, max_new_tokens=max_new_tokens, max_backtracks=cap, seed=cfg.seed + 1,
                               progress=True, pop_below=cfg.pop_below, trigger=cfg.trigger)
         result[f"vote@{cfg.samples}"] = dict(vote(task, problems, records, cfg.samples), flops_per_problem=cfg.samples
                                              * forward_flops(model, [x for x in prompts for _ in range(cfg.samples)],
-                                                             records, rule["policy"]))
+                                                             records, rule.policy))
     if cfg.oracle_search:
         m, records = oracle_search(model, tok, task, problems, max_new_tokens)
         result["oracle_search"] = dict(m, flops_per_problem=forward_flops(model, prompts, records, "rewind"))
     out = cfg.out or os.path.join(cfg.ckpt, "eval.json")
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(dict(ckpt=cfg.ckpt, task=name, task_kwargs=task_kwargs, chat=tok.chat, **rule, **result), f, indent=2)
+        json.dump(dict(ckpt=cfg.ckpt, task=name, task_kwargs=task_kwargs, chat=tok.chat, **asdict(rule), **result), f, indent=2)
     os.replace(tmp, out)   # a crash mid-write never leaves half a file where a good one was
     print(f"{cfg.ckpt} | task={name} | {rule} | chat={tok.chat} | n={len(problems)}")
     for label, m in result.items():

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import cli, configure, decoding_rule, load_model
-from data import count_backtracks
+from checkpoint import load_model
+from common import cli, configure
+from data import Rule, RuleFlags, count_backtracks
 from decode import generate
 from tasks import get_task, prompt_ids
 
@@ -23,14 +24,11 @@ DEFAULT_CKPT = "out/sft"   # what the README's main run (python train_sft.py) wr
 
 
 @dataclass
-class Config:
+class Config(RuleFlags):   # --policy, --slot_bans, --max_retries: the checkpoint's unless given (data.RuleFlags)
     prompt: str = ""                 # question text (wrapped in the task's prompt format unless --raw)
     ckpt: str = DEFAULT_CKPT         # checkpoint folder (this project's or a Hugging Face one)
     raw: bool = False                # feed the prompt text as is, without the task's format or chat template
     chat: bool = True                # the checkpoint's chat template around the task's user turn, when it has one
-    policy: str = ""                 # keep | rewind; "" = the one the checkpoint was trained with
-    slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
-    max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
     temperature: float = 0.0         # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
@@ -110,7 +108,7 @@ def check_args(cfg):
         raise ValueError(f"--max_new_tokens={cfg.max_new_tokens}: must be >= 1")
     if cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
         raise ValueError(f"--top_k={cfg.top_k} --top_p={cfg.top_p}: top_k >= 0 and 0 < top_p <= 1")
-    decoding_rule(cfg, {})   # checks --policy, --slot_bans and --max_retries
+    Rule.from_flags(cfg)   # checks --policy, --slot_bans and --max_retries
     if not 0 <= cfg.trigger < 1:
         raise ValueError(f"--trigger={cfg.trigger}: a probability in [0, 1) (0 = off)")
     if cfg.color not in ("auto", "always", "never"):
@@ -128,7 +126,7 @@ def main(argv=None):
     meta = model.meta
     if cfg.trigger > 0 and model.verifier is None:
         raise ValueError(f"--trigger: {cfg.ckpt} has no verifier head (train one with train_sft.py --verifier_weight=1)")
-    rule = decoding_rule(cfg, meta)
+    rule = Rule.from_flags(cfg, meta)
     task = None if cfg.raw or "task" not in meta else get_task(meta["task"], **meta.get("task_kwargs", {}))
     if task is not None:
         prompt = prompt_ids(tok, task, {"question": cfg.prompt})
@@ -141,7 +139,7 @@ def main(argv=None):
                          "shorten the prompt")
     max_new_tokens = min(cfg.max_new_tokens, room)
     tty = sys.stdout.isatty() if cfg.color == "auto" else cfg.color == "always"
-    print(f"[{cfg.ckpt} | {rule['policy']} | T={cfg.temperature} | {cfg.num_samples} sample(s)]")
+    print(f"[{cfg.ckpt} | {rule.policy} | T={cfg.temperature} | {cfg.num_samples} sample(s)]")
     if max_new_tokens < cfg.max_new_tokens:
         print(f"[the block leaves room for {max_new_tokens} new tokens after the prompt]")
     torch.manual_seed(cfg.seed)
@@ -149,7 +147,7 @@ def main(argv=None):
     printer = Printer(tok, sys.stdout, tty)
     if stream:
         sys.stdout.write(text)
-    out = generate(model, [prompt] * cfg.num_samples, max_new_tokens=max_new_tokens, **rule,
+    out = generate(model, [prompt] * cfg.num_samples, max_new_tokens=max_new_tokens, rule=rule,
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    max_backtracks=None if cfg.max_backtracks < 0 else cfg.max_backtracks, seed=cfg.seed,
                    device=cfg.device, stop_ids=tok.stop_ids, trigger=cfg.trigger,

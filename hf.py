@@ -3,24 +3,17 @@ Hugging Face checkpoint folders: reading their config.json into our model config
 tensor names and layouts onto ours, and writing our models back out in their layout (GPT-2 or
 Llama/Qwen), so that `transformers` and other tools open them.
 
-Only file formats live here: no model code (model.py) and no tokenizer code (tokenizer.py). The
-tokenizer files of a folder are formats too: which files make a tokenizer, which end ids a folder
-declares, and how a checkpoint or an export carries them (with <|BACKTRACK|> written in).
+Only the model's file formats live here: no model code (model.py), and no tokenizer code or files
+(tokenizer.py, which also writes an export's tokenizer files with <|BACKTRACK|> in them).
 """
 import json
 import os
-import shutil
 
 import torch
 from safetensors.torch import save_file
 
-BK_TEXT = "<|BACKTRACK|>"
-EOT_TEXT = "<|endoftext|>"
-# what a Hugging Face folder's tokenizer is made of (tokenizer.py reads them; checkpoints and exports
-# carry copies). generation_config.json is written, not copied: see copy_tokenizer_files.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-
+from common import read_json
+from tokenizer import add_bk_token, copy_tokenizer_files, declared_eos_ids, has_tokenizer_files, write_byte_tokenizer
 
 def padded_vocab(n, multiple=64):
     """Embedding tables are padded to a multiple of 64 rows (faster matmuls); rows past the
@@ -36,132 +29,6 @@ LLAMA_NAMES = [
     (".attn.q_norm.", ".self_attn.q_norm."), (".attn.k_norm.", ".self_attn.k_norm."),
     (".mlp.c_fc.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj."), (".mlp.gate_proj.", ".mlp.gate_proj."),
 ]
-
-
-def read_json(path):
-    """A JSON file; a syntax error names the file and the line."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-
-
-def bytes_to_unicode():
-    """GPT-2's reversible map from the 256 bytes to printable characters, which is how byte-level BPE
-    vocabularies are stored as JSON text: printable Latin-1 bytes stand for themselves, every other
-    byte b is the n-th character after chr(255), in byte order (so b' ' is 'Ġ', b'\\n' is 'Ċ')."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def declared_eos_ids(path):
-    """Every end id a folder declares: eos_token_id (an int or a list) of generation_config.json, then
-    of config.json, in order, without repeats (Llama 3 instruct: <|end_of_text|>, <|eom_id|>,
-    <|eot_id|>; Qwen instruct: <|im_end|>, <|endoftext|>). A checkpoint of this project declares its
-    own in the generation_config.json that copy_tokenizer_files writes."""
-    out = []
-    for name in ("generation_config.json", "config.json"):
-        f = os.path.join(path, name)
-        e = read_json(f).get("eos_token_id") if os.path.exists(f) else None
-        for x in e if isinstance(e, list) else [e]:
-            if isinstance(x, int) and not isinstance(x, bool) and x not in out:
-                out.append(x)
-    return out
-
-
-def has_tokenizer_files(path):
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
-                                       ("tokenizer.json", "vocab.json", "tokenizer.model",
-                                        os.path.join("original", "tokenizer.model")))
-
-
-def copy_tokenizer_files(src, dst, stop_ids=None):
-    """Copy a Hugging Face folder's tokenizer files (TOKENIZER_FILES; Meta's original/tokenizer.model
-    as tokenizer.model when it is the only one) into dst, so that dst's tokenizer reads the same.
-    generation_config.json is copied with eos_token_id set to stop_ids (default: every end id src
-    declares, declared_eos_ids), because dst's config.json may not be src's. Returns the names written."""
-    os.makedirs(dst, exist_ok=True)
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-        return []
-    names = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
-    for f in names:
-        shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
-    meta_model = os.path.join(src, "original", "tokenizer.model")
-    if not any(f in names for f in ("tokenizer.json", "vocab.json", "tokenizer.model")) and os.path.isfile(meta_model):
-        shutil.copyfile(meta_model, os.path.join(dst, "tokenizer.model"))
-        names.append("tokenizer.model")
-    gen_path = os.path.join(src, "generation_config.json")
-    gen = read_json(gen_path) if os.path.exists(gen_path) else {}
-    stops = list(stop_ids) if stop_ids is not None else declared_eos_ids(src)
-    if stops or gen:
-        gen["eos_token_id"] = stops if len(stops) != 1 else stops[0]
-        with open(os.path.join(dst, "generation_config.json"), "w") as f:
-            json.dump(gen, f, indent=2)
-        names.append("generation_config.json")
-    return names
-
-
-def add_bk_token(path, bk_id):
-    """Write <|BACKTRACK|> into the tokenizer files of folder `path` as a special added token with id
-    bk_id, replacing whatever token held that id (Llama 3: a <|reserved_special_token_N|>), so that
-    transformers' AutoTokenizer maps the text to bk_id and back."""
-    entry = dict(content=BK_TEXT, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
-    tj_path = os.path.join(path, "tokenizer.json")
-    if os.path.exists(tj_path):
-        with open(tj_path, encoding="utf-8") as f:
-            tj = json.load(f)
-        added = [a for a in tj.get("added_tokens") or [] if a["content"] != BK_TEXT or a["id"] == bk_id]
-        for a in added:
-            if a["id"] == bk_id:
-                a.update(entry)
-                break
-        else:
-            added.append(dict(id=bk_id, **entry))
-        tj["added_tokens"] = sorted(added, key=lambda a: a["id"])
-        vocab = (tj.get("model") or {}).get("vocab")
-        if isinstance(vocab, dict):   # a BPE vocabulary entry on that id gives way too
-            for k in [k for k, v in vocab.items() if v == bk_id and k != BK_TEXT]:
-                del vocab[k]
-                vocab[BK_TEXT] = bk_id
-        with open(tj_path, "w", encoding="utf-8") as f:
-            json.dump(tj, f, ensure_ascii=False, indent=2)
-    tc_path = os.path.join(path, "tokenizer_config.json")
-    tc = read_json(tc_path) if os.path.exists(tc_path) else {}
-    dec = {k: v for k, v in (tc.get("added_tokens_decoder") or {}).items()
-           if not (isinstance(v, dict) and v.get("content") == BK_TEXT)}
-    dec[str(bk_id)] = {k: v for k, v in entry.items()}
-    tc["added_tokens_decoder"] = dict(sorted(dec.items(), key=lambda kv: int(kv[0])))
-    with open(tc_path, "w", encoding="utf-8") as f:
-        json.dump(tc, f, ensure_ascii=False, indent=2)
-
-
-def write_byte_tokenizer(path, eot_id=256, bk_id=257, block_size=256):
-    """The byte tokenizer (256 byte tokens, no merges; end-of-text and BK after them) as a
-    tokenizer.json + tokenizer_config.json that transformers opens: a byte-level BPE without merges
-    whose pre-tokenizer splits nothing, so every byte stays its own token."""
-    b2u = bytes_to_unicode()
-    added = [dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
-             for i, t in ((eot_id, EOT_TEXT), (bk_id, BK_TEXT))]
-    tj = dict(version="1.0", truncation=None, padding=None, added_tokens=added, normalizer=None,
-              pre_tokenizer=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False),
-              post_processor=None, decoder=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False,
-                                                use_regex=False),
-              model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None,
-                         end_of_word_suffix=None, fuse_unk=False, byte_fallback=False, ignore_merges=False,
-                         vocab={b2u[b]: b for b in range(256)}, merges=[]))
-    with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(tj, f, ensure_ascii=False)
-    tc = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=EOT_TEXT, model_max_length=block_size,
-              added_tokens_decoder={str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added})
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(tc, f, indent=2)
 
 
 def safetensors_files(path):
@@ -244,7 +111,7 @@ def write_folder(cfg, state_dict, path):
     """Write a Hugging Face folder (config.json + model.safetensors) from our config and state dict:
     GPT-2 layout (Conv1D weights stored (in, out)) or Llama layout, by the config. With the model's
     tokenizer files too when it has them: a Hugging Face tokenizer folder (cfg.tokenizer, as
-    common.load_model resolves it) is copied with <|BACKTRACK|> added at cfg.bk_id (add_bk_token), and
+    checkpoint.load_model resolves it) is copied with <|BACKTRACK|> added at cfg.bk_id (add_bk_token), and
     the byte tokenizer is written out; GPT-2's BPE ranks are not (no merges list ships with them)."""
     os.makedirs(path, exist_ok=True)
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in state_dict.items()}
@@ -298,4 +165,4 @@ def write_folder(cfg, state_dict, path):
     elif os.sep in cfg.tokenizer or cfg.tokenizer.startswith("."):   # a path (not a family name like "llama")
         import warnings
         warnings.warn(f"tokenizer {cfg.tokenizer!r} is not a folder with tokenizer files here: {path} gets no "
-                      "tokenizer (load the model with common.load_model, which resolves a checkpoint's own)")
+                      "tokenizer (load the model with checkpoint.load_model, which resolves a checkpoint's own)")

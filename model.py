@@ -17,12 +17,14 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, asdict, field
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import hf
+from common import read_json
 
 
 @dataclass
@@ -109,11 +111,11 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def linear(m, x, cache=None):
-    """m(x) for an nn.Linear m, plus its LoRA adapter's term when it has one; in CPU decoding, with
-    the copy of its weight the cache carries (KVCache.weights, made by decode.decode_weights):
-    packed for oneDNN, or stored transposed."""
-    w = cache.weights.get(m) if cache is not None and cache.weights is not None else None
+def linear(m, x, weights=None):
+    """m(x) for an nn.Linear m, plus its LoRA adapter's term when it has one. weights: in CPU
+    decoding, {nn.Linear: a copy of its weight that reads faster} (decode.decode_weights): packed
+    for oneDNN, or stored transposed; a linear without a copy uses its own weight."""
+    w = weights.get(m) if weights is not None else None
     if w is None:
         y = m(x)
     elif w.is_mkldnn:
@@ -156,11 +158,13 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(D, cfg.norm_eps)
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope, mask, cache, layer):
+    def forward(self, x, rope, mask, write=None, layer=0, weights=None):
+        """write: the CacheWrite of a cached forward (KVCache.begin), None without a cache; layer:
+        this block's index in the cache; weights: decoding's weight copies (linear)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q, k, v = linear(self.c_attn, x, cache).split([H * D, K * D, K * D], dim=-1)
+        q, k, v = linear(self.c_attn, x, weights).split([H * D, K * D, K * D], dim=-1)
         # heads stay in the (B, T, heads, D) layout until attention: the cache takes k and v in it
         q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
         if cfg.qk_norm:
@@ -168,18 +172,18 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = q.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.write(layer, k, v)
+        if write is not None:
+            k, v = write.store(layer, k, v)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         drop = self.dropout if self.training else 0.0
         # grouped-query heads share their k/v inside the kernel: no copy of the cache span per step
         gqa = dict(enable_gqa=True) if K != H else {}
-        if mask is None and cache is None:   # a plain chain: the fused causal kernel
+        if mask is None and write is None:   # a plain chain: the fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, **gqa)
         else:   # a tree mask (B, 1, T, T), or a cached step's (None: every query sees the whole span)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, **gqa)
-        y = linear(self.c_proj, y.transpose(1, 2).reshape(B, T, H * D), cache)
+        y = linear(self.c_proj, y.transpose(1, 2).reshape(B, T, H * D), weights)
         return F.dropout(y, drop, True) if drop > 0 else y
 
 
@@ -193,12 +197,12 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cache=None):
+    def forward(self, x, weights=None):
         if self.kind == "swiglu":
-            h = F.silu(linear(self.gate_proj, x, cache)) * linear(self.c_fc, x, cache)
+            h = F.silu(linear(self.gate_proj, x, weights)) * linear(self.c_fc, x, weights)
         else:
-            h = F.gelu(linear(self.c_fc, x, cache), approximate="tanh")
-        h = linear(self.c_proj, h, cache)
+            h = F.gelu(linear(self.c_fc, x, weights), approximate="tanh")
+        h = linear(self.c_proj, h, weights)
         return F.dropout(h, self.dropout, True) if self.training and self.dropout > 0 else h
 
 
@@ -210,9 +214,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache, layer):
-        x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)
-        return x + self.mlp(self.ln_2(x), cache)
+    def forward(self, x, rope, mask, write=None, layer=0, weights=None):
+        x = x + self.attn(self.ln_1(x), rope, mask, write, layer, weights)
+        return x + self.mlp(self.ln_2(x), weights)
 
 # -----------------------------------------------------------------------------
 # the KV cache
@@ -240,15 +244,11 @@ class KVCache:
         self.h_of_slot = self.h[:, 1:]   # a view: indexed by slot, where a forward writes
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
-        self.pos = None   # positions of the tokens being written by the forward in flight
-        self.span = 0     # slots the current forward attends over
-        self.mask = None  # its attention mask (B, 1, T, span); None: every query sees the whole span
         # made once, not per step: every write indexes by row, every mask compares slots, and each
         # layer's views (a decode step of a small model is bound by the number of tensor calls)
         self.rows = torch.arange(batch_size, device=device).unsqueeze(1)
         self.layers = [(self.k[i], self.v[i]) for i in range(cfg.n_layer)]
         self.slots = torch.arange(max_len, device=device)
-        self.weights = None   # {nn.Linear: the copy of its weight CPU decoding reads} (decode.decode_weights)
         self.rope = None
         if cfg.pos == "rope":   # cos/sin of every slot, computed as GPT.hidden does, so a step only gathers
             f = self.slots.unsqueeze(-1).float() * rope_inv_freq(cfg).to(device)
@@ -256,28 +256,30 @@ class KVCache:
             self.rope = (f.cos(), f.sin())
 
     def begin(self, pos):
-        """Set up a write of tokens at positions pos (B, T) and its attention mask; returns the span."""
+        """The CacheWrite of a forward that writes tokens at positions pos (B, T): the span of slots
+        they attend over and its attention mask."""
         low, top = torch.stack(torch.aminmax(pos)).tolist()   # one host read per forward
         if top >= self.max_len:
             raise ValueError(f"KV cache is full: position {top} >= max_len {self.max_len}")
-        self.pos, self.span = pos, top + 1
+        span = top + 1
         # one token per row, every row at the same slot (batch 1, or rows that never rewound): each
         # query sits at the top of the span and sees all of it, so no mask is built or applied
         aligned = pos.shape[1] == 1 and low == top
-        self.mask = None if aligned else (self.slots[:self.span] <= pos.unsqueeze(-1)).unsqueeze(1)
-        return self.span
+        mask = None if aligned else (self.slots[:span] <= pos.unsqueeze(-1)).unsqueeze(1)
+        return CacheWrite(self, pos, span, mask)
 
-    def write(self, layer, k, v):
-        # k, v: (B, T, K, D) -> slots pos; return the whole span (B, K, span, D)
+    def write(self, layer, k, v, pos, span):
+        """Store one layer's k, v (B, T, K, D) at slots pos; return that layer's keys and values over
+        slots 0..span-1, (B, K, span, D)."""
         ck, cv = self.layers[layer]
         rows = self.rows if k.shape[0] == self.rows.shape[0] else self.rows[:k.shape[0]]
         dt = k.dtype
         if dt != ck.dtype:   # a cache kept in another dtype than the model computes in
             k, v = k.to(ck.dtype), v.to(ck.dtype)
         # advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, K, D)
-        ck[rows, :, self.pos] = k
-        cv[rows, :, self.pos] = v
-        ck, cv = ck[:, :, :self.span], cv[:, :, :self.span]
+        ck[rows, :, pos] = k
+        cv[rows, :, pos] = v
+        ck, cv = ck[:, :, :span], cv[:, :, :span]
         return (ck, cv) if dt == ck.dtype else (ck.to(dt), cv.to(dt))
 
     def pop(self, rows, n=1):
@@ -287,6 +289,19 @@ class KVCache:
             self.lengths.sub_(rows.long(), alpha=n)
         else:
             self.lengths[rows] -= n
+
+
+class CacheWrite(NamedTuple):
+    """One cached forward, as KVCache.begin sets it up: every layer stores its keys and values at
+    pos (B, T) and attends over slots 0..span-1, under mask (B, 1, T, span; None: every query sees
+    the whole span). GPT.hidden passes it down to each layer's attention."""
+    cache: KVCache
+    pos: torch.Tensor
+    span: int
+    mask: Optional[torch.Tensor]
+
+    def store(self, layer, k, v):
+        return self.cache.write(layer, k, v, self.pos, self.span)
 
 # -----------------------------------------------------------------------------
 # the model
@@ -340,17 +355,19 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden(self, idx, pos=None, mask=None, cache=None):
+    def hidden(self, idx, pos=None, mask=None, cache=None, weights=None):
         """Final hidden states (after the last norm), (B, T, C).
 
         pos: (B, T) position ids (default 0..T-1). mask: (B, T, T) bool, True = may attend
         (default causal). With a cache, tokens are written at slots pos and attend to slots
-        <= their position; the cache's lengths are left for the caller to move.
+        <= their position; the cache's lengths are left for the caller to move. weights: the
+        weight copies CPU decoding reads (decode.decode_weights; see linear).
         """
         B, T = idx.shape
         if pos is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
-        top = cache.begin(pos) - 1 if cache is not None else None   # the cache's mask replaces `mask`
+        write = cache.begin(pos) if cache is not None else None   # its mask replaces `mask`
+        top = write.span - 1 if write is not None else None
         if self.config.pos == "learned":
             top = int(pos.max()) if top is None else top
             if top >= self.config.block_size:
@@ -367,9 +384,9 @@ class GPT(nn.Module):
             rope = (f.cos().to(x.dtype), f.sin().to(x.dtype))
         if self.training and self.config.dropout > 0:
             x = F.dropout(x, self.config.dropout, True)
-        mask = cache.mask if cache is not None else None if mask is None else mask.unsqueeze(1)   # (B, 1, T, S)
+        mask = write.mask if write is not None else None if mask is None else mask.unsqueeze(1)   # (B, 1, T, S)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, mask, cache, i)
+            x = block(x, rope, mask, write, i, weights)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.h_of_slot[cache.rows if B == cache.rows.shape[0] else cache.rows[:B], pos] = \
@@ -429,7 +446,7 @@ class GPT(nn.Module):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
             raise FileNotFoundError(f"no config.json in checkpoint folder {path!r}")
-        meta = hf.read_json(cfg_path)
+        meta = read_json(cfg_path)
         if meta.get("format") == "backtrack-gpt":
             cfg = GPTConfig(**meta["config"])
             names = {"model.safetensors": None}
@@ -631,16 +648,26 @@ def action_logits(model, batch, verify=False):
     """Logits for the actions of a collated batch (data.collate): (A, vocab_size); verify: also the
     verifier head's (A,). `model` may be wrapped (DDP, torch.compile): the call goes through its
     forward so gradient sync works; without verify the call is the plain one any model-like module takes."""
-    act = (batch["act_row"], batch["act_src"])
+    act = (batch.act_row, batch.act_src)
     if verify:
-        return model(batch["ids"], batch["pos"], batch["mask"], act=act, verify=True)
-    return model(batch["ids"], batch["pos"], batch["mask"], act=act)
+        return model(batch.ids, batch.pos, batch.mask, act=act, verify=True)
+    return model(batch.ids, batch.pos, batch.mask, act=act)
 
 
 def unwrap(model):
     """The GPT inside a DDP and/or torch.compile wrapper."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def set_dropout(model, p):
+    """Set the dropout of a model and of every layer that has one (they copied the config's value
+    when built), and record it in the config, so that checkpoints keep it."""
+    model.config.dropout = p
+    for m in model.modules():
+        if hasattr(m, "dropout"):
+            m.dropout = p
+    return model
 
 
 def action_logprobs(model, batch, temperature=1.0, top_k=0, top_p=1.0):
@@ -659,8 +686,8 @@ def logprobs_of(logits, batch, n_vocab, temperature=1.0, top_k=0, top_p=1.0):
     reaches it). Recording the fill would cost a copy of the (A, V) gradient in backward. This
     is safe because lm_head's backward needs its input and weight, never its output (autograd
     would raise if it did). With top-k/top-p the distribution needs a sort anyway: shape_logits."""
-    tgt = batch["tgt"]
-    ban = (batch["ban_act"], batch["ban_tok"])
+    tgt = batch.tgt
+    ban = (batch.ban_act, batch.ban_tok)
     if filtered(top_k, top_p, logits.shape[-1]):
         return shape_logits(logits, temperature, top_k, top_p, ban, n_vocab).gather(1, tgt.unsqueeze(1)).squeeze(1)
     logits = logits.float()   # fp32 already: the very tensor lm_head returned, no copy
@@ -674,7 +701,7 @@ def sft_loss(model, batch, normalizer=None):
     """Weighted cross-entropy over actions (masked errors have weight 0), divided by the total
     weight, or by `normalizer` (the whole global batch's weight, so that gradient accumulation
     and DDP give the same loss as one big batch)."""
-    return weighted_nll(action_logprobs(model, batch), batch["weight"], normalizer)
+    return weighted_nll(action_logprobs(model, batch), batch.weight, normalizer)
 
 
 def weighted_nll(lp, w, normalizer=None):
@@ -685,14 +712,14 @@ def weighted_nll(lp, w, normalizer=None):
 def sft_verifier_loss(model, batch, normalizer=None, verifier_normalizer=None):
     """sft_loss and the verifier head's loss from one forward: (lm, verifier). The head is trained
     with binary cross-entropy to say, at each action, whether the last surviving response token is
-    an error (batch["wrong"]: 1 = an ERROR token, popped later; 0 = a FINAL one; -1 = no response
+    an error (batch.wrong: 1 = an ERROR token, popped later; 0 = a FINAL one; -1 = no response
     token yet, not scored; data.layout). lm is sft_loss's number exactly; the verifier part is a mean
     over the scored actions, or a sum over `verifier_normalizer` (the global batch's count)."""
     if unwrap(model).verifier is None:
         raise ValueError("sft_verifier_loss needs a model with a verifier head (model.add_verifier)")
     logits, v = action_logits(model, batch, verify=True)
-    lm = weighted_nll(logprobs_of(logits, batch, unwrap(model).config.n_vocab), batch["weight"], normalizer)
-    y = batch["wrong"]
+    lm = weighted_nll(logprobs_of(logits, batch, unwrap(model).config.n_vocab), batch.weight, normalizer)
+    y = batch.wrong
     scored = y >= 0
     bce = F.binary_cross_entropy_with_logits(v.float(), y.clamp(min=0), reduction="none")
     vloss = torch.where(scored, bce, torch.zeros_like(bce)).sum()
@@ -703,7 +730,7 @@ def completion_logprobs(model, batch):
     """Sum of log-probs over each row's completion actions (weight 1): (B,). The shared prefix
     contributes exactly nothing, even where its log-prob is -inf (a banned token)."""
     lp = action_logprobs(model, batch)
-    w = batch["weight"] > 0
+    w = batch.weight > 0
     lp = torch.where(w, lp, torch.zeros_like(lp))
-    B = batch["ids"].shape[0]
-    return torch.zeros(B, device=lp.device, dtype=lp.dtype).index_add(0, batch["act_row"], lp)
+    B = batch.ids.shape[0]
+    return torch.zeros(B, device=lp.device, dtype=lp.dtype).index_add(0, batch.act_row, lp)

@@ -1,8 +1,8 @@
 """
-Rewards for RL on backtrack traces (research notes, section 6), and their curricula (7.3, 7.4).
+Rewards for RL on backtrack traces (research notes, section 6). Their curricula (7.3, 7.4) are in schedules.py.
 
 Every component is computed on the RESOLVED completion (resolve() applied, end-of-text dropped)
-with the task's own verifier (which reads the answer through tasks.parse_answer, as evaluation does):
+with the task's own verifier (which reads the answer through tasks/answers.py's parse_answer, as evaluation does):
 a completion is scored on what it finally says, never on token overlap with a reference, and
 never against an unresolved target.
 
@@ -46,11 +46,11 @@ The plain alternative, "everything ever written" (the raw completion with BKs dr
 no-op `8 BK 8` as a correction (`88` is wrong), which would pay the bonus for pointless backtracks.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from data import Curriculum, Trace, completion_batch, count_backtracks, phase_at, resolve
+from data import Trace, completion_batch, count_backtracks, resolve
 from model import action_logits
 
 COMPONENTS = ("outcome", "process", "backtrack", "format")
@@ -227,61 +227,3 @@ def prm_process_score(probs, threshold=0.5):
 def total(components, weights):
     """The weighted sum of the components (weights: name -> float)."""
     return sum(weights.get(k, 0.0) * components[k] for k in COMPONENTS)
-
-# -----------------------------------------------------------------------------
-# curricula, as config strings
-
-
-# research notes 7.3: early training stresses the mechanism (process, backtracking), late training
-# the answer. The format weight is not in the notes' table; it stays constant.
-WEIGHT_PRESETS = {
-    "notes": "0:outcome=0.5,process=0.8,backtrack=0.8,format=0.3;"
-             "0.33:outcome=0.7,process=0.7,backtrack=0.6,format=0.3;"
-             "0.67:outcome=1.0,process=0.5,backtrack=0.4,format=0.3",
-    "constant": "0:outcome=1.0,process=0.7,backtrack=0.6,format=0.3",
-}
-
-
-@dataclass
-class WeightSchedule:
-    """Reward weights by training progress: phases (start fraction, {component: weight}).
-    From a string 'start:k=v,k=v;start:k=v,...' (a phase holds until the next one starts; a
-    component a phase leaves out weighs 0), a bare 'k=v,...' (one phase), or a preset name."""
-    phases: list = field(default_factory=list)
-
-    @classmethod
-    def from_string(cls, s):
-        s = WEIGHT_PRESETS.get(s.strip(), s)
-        phases = []
-        for part in filter(None, (p.strip() for p in s.split(";"))):
-            start, sep, body = part.partition(":")
-            if not sep:
-                start, body = "0", part
-            w = {}
-            for kv in filter(None, (x.strip() for x in body.split(","))):
-                k, eq, v = kv.partition("=")
-                if not eq or k.strip() not in COMPONENTS:
-                    raise ValueError(f"bad reward weight {kv!r} in {s!r}: expected name=value, names {COMPONENTS}")
-                w[k.strip()] = float(v)
-            phases.append((float(start), w))
-        phases.sort(key=lambda x: x[0])
-        if not phases or phases[0][0] != 0.0:
-            raise ValueError(f"reward weights {s!r}: the first phase must start at 0")
-        return cls(phases)
-
-    def at(self, progress):
-        w = phase_at(self.phases, progress)
-        return {k: w.get(k, 0.0) for k in COMPONENTS}
-
-
-def budget_at(schedule, progress, max_budget=8.0, min_budget=1.0, decay=0.25):
-    """The backtrack budget in force at progress (0..1) (research notes 7.4: it starts generous and
-    tightens). schedule 'exp': max(min_budget, max_budget * decay ** progress), a float (a
-    completion is over budget when n_bk > budget); 'none': no budget; otherwise phases
-    'start:budget,...' as in data.Curriculum (e.g. '0:8,0.5:4,0.8:2'; 'none' = uncapped)."""
-    schedule = schedule.strip()
-    if schedule == "none":
-        return None
-    if schedule == "exp":
-        return max(min_budget, max_budget * decay ** progress)
-    return Curriculum.from_string(schedule).max_backtracks(progress)

@@ -87,8 +87,9 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-from common import cli, configure, decoding_rule, load_model, parse_kwargs
-from data import Trace, as_rule, completion_batch, resolve
+from checkpoint import load_model
+from common import cli, configure, parse_kwargs, step_seed
+from data import Rule, RuleFlags, Trace, completion_batch, resolve
 from decode import generate
 from model import completion_logprobs
 from reward import step_bounds, step_wrong_probs, text_of
@@ -96,14 +97,11 @@ from tasks import SyntheticTask, checkpoint_task, prompt_ids
 
 
 @dataclass
-class Config:
+class Config(RuleFlags):   # --policy, --slot_bans, --max_retries: the checkpoint's unless given (data.RuleFlags)
     ckpt: str = "out/sft"
     task: str = ""                   # default: the checkpoint's task (and its settings)
     task_kwargs: str = ""
     chat: bool = True                # prompts in the checkpoint's chat template when it has one; False: plain
-    policy: str = ""                 # rewind | keep; "" = the checkpoint's
-    slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
-    max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
     n: int = 500                     # TRAIN problems to sample
     samples: int = 4                 # completions per problem
     temperature: float = 1.0
@@ -333,9 +331,9 @@ def locate(model, tok, task, searches, rule, cfg, cap, max_new_tokens, stats):
         calls[0] += 1
         outs = []
         for i in range(0, len(prompts), cfg.batch_size):
-            outs += generate(model, prompts[i:i + cfg.batch_size], max_new_tokens=max_new_tokens, **as_rule(rule),
+            outs += generate(model, prompts[i:i + cfg.batch_size], max_new_tokens=max_new_tokens, rule=rule,
                              temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cap,
-                             seed=((cfg.seed + 1) * 1_000_003 + calls[0]) * (1 << 20) + i, stop_ids=tok.stop_ids)
+                             seed=step_seed(cfg.seed + 1, calls[0]) * (1 << 20) + i, stop_ids=tok.stop_ids)
         return outs
 
     locate_first_errors(searches, sample, lambda s, ids: solves(tok, task, s["p"], ids), cfg.rollouts,
@@ -429,9 +427,8 @@ def pairs_path(out, kind="pairs"):
     return os.path.join(d, b.replace("traces", kind) if "traces" in b else root + "_" + kind + (ext or ".jsonl"))
 
 
-def main(argv=None):
-    cfg = Config()
-    configure(cfg, sys.argv[1:] if argv is None else argv)
+def check_args(cfg):
+    """Every argument, before any work: one line naming the bad one."""
     if cfg.divergence not in ("step", "token") or cfg.filter_score not in ("full", "correction"):
         raise ValueError(f"--divergence={cfg.divergence} --filter_score={cfg.filter_score}: expected step|token and "
                          "full|correction")
@@ -446,91 +443,68 @@ def main(argv=None):
             raise ValueError(f"--{k}={getattr(cfg, k)}: must be at least 1")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
         raise ValueError(f"--temperature={cfg.temperature} --top_p={cfg.top_p}: sampling needs T > 0 and 0 < top_p <= 1")
-    torch.manual_seed(cfg.seed)
+    Rule.from_flags(cfg)   # the decoding-rule flags parse
     if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
         raise SystemExit(f"error: no checkpoint at --ckpt={cfg.ckpt!r}")
-    model, tok = load_model(cfg.ckpt, device=cfg.device, chat=cfg.chat)
-    meta = model.meta
-    task_name, task_kwargs, task = checkpoint_task(meta, cfg.task,
-                                                   parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
-    rule = decoding_rule(cfg, meta)
-    max_new_tokens = cfg.max_new_tokens or meta.get("max_new_tokens", 128)
-    problems = task.problems("train", n=cfg.n, seed=cfg.seed)
-    task.check_train(problems)  # the model's errors on test problems must never become training data
-    print(f"{cfg.ckpt} | task={task_name} {rule} | {len(problems)} train problems x {cfg.samples} samples "
-          f"at T={cfg.temperature}")
 
-    t0 = time.time()
-    jobs = [(p, prompt_ids(tok, task, p)) for p in problems for _ in range(cfg.samples)]
-    stats = dict(samples=len(jobs), correct=0, wrong=0)
-    cands, needless_pairs, seen = [], [], set()
-    searches, searched, labels = [], set(), []
-    cap = None if cfg.max_backtracks < 0 else cfg.max_backtracks
 
-    def count(why):
-        stats[why] = stats.get(why, 0) + 1
+class Collected:
+    """What the samples yield: candidate traces (each written once), DPO pairs against needless
+    deletions, the searches to run (--locate=rollouts), and the counts of why a sample gave none."""
 
-    def add(c, why):
+    def __init__(self, block_size):
+        self.block_size = block_size
+        self.cands, self.needless, self.searches = [], [], []
+        self.seen, self.searched = set(), set()
+        self.stats = dict(samples=0, correct=0, wrong=0)
+
+    def count(self, why):
+        self.stats[why] = self.stats.get(why, 0) + 1
+
+    def add(self, c, why):
         """A candidate trace, unless it is unusable (why), too long or sampled before."""
         if c is None:
-            return count(why)
-        if len(c["prompt"]) + len(c["response"]) > model.config.block_size:
-            return count("too_long")
+            return self.count(why)
+        if len(c["prompt"]) + len(c["response"]) > self.block_size:
+            return self.count("too_long")
         key = (tuple(c["prompt"]), tuple(c["prefix"]), tuple(c["rejected"]))
-        if key in seen:  # the same error and continuation sampled twice: write it once
-            return count("duplicate")
-        seen.add(key)
-        cands.append(c)
-    for s in range(0, len(jobs), cfg.batch_size):
-        part = jobs[s:s + cfg.batch_size]
-        outs = generate(model, [q for _, q in part], max_new_tokens=max_new_tokens, **as_rule(rule),
-                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cap,
-                        seed=cfg.seed * 1_000_003 + s, stop_ids=tok.stop_ids)
-        for (p, prompt), o in zip(part, outs):
-            resolved = o["resolved"]
-            if cfg.needless_pairs:  # correct or not, a sample may have deleted a correct token
-                reference = tok.encode(p["solution"]) + [tok.eot_id]
-                hit = needless_deletion(o["response"], reference, tok.bk_id)
-                if hit is not None:
-                    j, k = hit
-                    q = dict(prompt=prompt, prefix=reference[:j], chosen=reference[j:], rejected=o["response"][k:],
-                             question=p["question"], kind="needless")
-                    key = (tuple(prompt), tuple(q["prefix"]), tuple(q["rejected"]))
-                    if key not in seen and len(prompt) + j + max(len(q["chosen"]), len(q["rejected"])) \
-                            <= model.config.block_size:
-                        seen.add(key)
-                        needless_pairs.append(q)
-            if task.verify(text_of(tok, resolved), p):
-                stats["correct"] += 1
-                continue
-            stats["wrong"] += 1
-            if cfg.locate == "rollouts":
-                why = unsearchable(tok, task, resolved)
-                if why:
-                    count(why)
-                elif (tuple(prompt), tuple(resolved)) in searched:
-                    count("duplicate_sample")   # the same wrong completion sampled twice: searched once
-                else:
-                    searched.add((tuple(prompt), tuple(resolved)))
-                    searches.append(dict(p=p, prompt=prompt, resolved=resolved, bounds=step_bounds(tok, resolved)))
-                continue
-            add(*candidate(tok, task, p, prompt, resolved, cfg))
-    if cfg.locate == "rollouts":
-        labels = locate(model, tok, task, searches, rule, cfg, cap, max_new_tokens, stats)
-        for s in searches:
-            if s["end"] == "located":
-                add(*located_candidate(tok, s, cfg.max_error))
-    stats["candidates"] = len(cands)
-    kept = cands
-    if cfg.filter:
-        kept = apply_filter(model, cands, tok.bk_id, rule, cfg.filter_score, cfg.filter_threshold, cfg.batch_size)
-        gains = sorted(c["gain"] for c in cands)
-        if gains:
-            stats["gain_median"] = gains[len(gains) // 2]
-    stats["kept"] = len(kept)
+        if key in self.seen:  # the same error and continuation sampled twice: write it once
+            return self.count("duplicate")
+        self.seen.add(key)
+        self.cands.append(c)
 
+    def add_needless(self, tok, p, prompt, response):
+        """Correct or not, a sample may have deleted a correct token: a pair prefers the reference."""
+        reference = tok.encode(p["solution"]) + [tok.eot_id]
+        hit = needless_deletion(response, reference, tok.bk_id)
+        if hit is None:
+            return
+        j, k = hit
+        q = dict(prompt=prompt, prefix=reference[:j], chosen=reference[j:], rejected=response[k:],
+                 question=p["question"], kind="needless")
+        key = (tuple(prompt), tuple(q["prefix"]), tuple(q["rejected"]))
+        if key not in self.seen and len(prompt) + j + max(len(q["chosen"]), len(q["rejected"])) <= self.block_size:
+            self.seen.add(key)
+            self.needless.append(q)
+
+    def add_search(self, tok, task, p, prompt, resolved):
+        """A wrong sample to locate by rollouts, unless it cannot be searched or was searched already."""
+        why = unsearchable(tok, task, resolved)
+        if why:
+            self.count(why)
+        elif (tuple(prompt), tuple(resolved)) in self.searched:
+            self.count("duplicate_sample")   # the same wrong completion sampled twice: searched once
+        else:
+            self.searched.add((tuple(prompt), tuple(resolved)))
+            self.searches.append(dict(p=p, prompt=prompt, resolved=resolved, bounds=step_bounds(tok, resolved)))
+
+
+def write_outputs(cfg, tok, kept, needless, labels):
+    """The traces (one per distinct trace), the DPO pairs and, by rollouts, the process labels.
+    Returns (traces written, backtrack pairs written, the pairs file, the labels file or None)."""
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     pairs_out = cfg.pairs_out or pairs_path(cfg.out)
+    labels_out = None
     if cfg.locate == "rollouts":
         labels_out = cfg.labels_out or pairs_path(cfg.out, "labels")
         with open(labels_out, "w") as f:
@@ -550,12 +524,68 @@ def main(argv=None):
                                          chosen=[tok.bk_id] * c["n_err"] + c["correction"],
                                          rejected=c["rejected"], kind="backtrack", **m)) + "\n")
                 n_pairs += 1
-        for q in needless_pairs:
+        for q in needless:
             fp.write(json.dumps(q) + "\n")
-    stats.update(traces=n_traces, pairs=n_pairs, needless_pairs=len(needless_pairs), seconds=round(time.time() - t0, 1))
+    return n_traces, n_pairs, pairs_out, labels_out
+
+
+def main(argv=None):
+    cfg = Config()
+    configure(cfg, sys.argv[1:] if argv is None else argv)
+    check_args(cfg)
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model(cfg.ckpt, device=cfg.device, chat=cfg.chat)
+    meta = model.meta
+    task_name, task_kwargs, task = checkpoint_task(meta, cfg.task,
+                                                   parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
+    rule = Rule.from_flags(cfg, meta)
+    max_new_tokens = cfg.max_new_tokens or meta.get("max_new_tokens", 128)
+    problems = task.problems("train", n=cfg.n, seed=cfg.seed)
+    task.check_train(problems)  # the model's errors on test problems must never become training data
+    print(f"{cfg.ckpt} | task={task_name} {rule} | {len(problems)} train problems x {cfg.samples} samples "
+          f"at T={cfg.temperature}")
+
+    t0 = time.time()
+    jobs = [(p, prompt_ids(tok, task, p)) for p in problems for _ in range(cfg.samples)]
+    got = Collected(model.config.block_size)
+    stats = got.stats
+    stats["samples"] = len(jobs)
+    cap = None if cfg.max_backtracks < 0 else cfg.max_backtracks
+    for s in range(0, len(jobs), cfg.batch_size):
+        part = jobs[s:s + cfg.batch_size]
+        outs = generate(model, [q for _, q in part], max_new_tokens=max_new_tokens, rule=rule,
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cap,
+                        seed=step_seed(cfg.seed, s), stop_ids=tok.stop_ids)
+        for (p, prompt), o in zip(part, outs):
+            if cfg.needless_pairs:
+                got.add_needless(tok, p, prompt, o["response"])
+            if task.verify(text_of(tok, o["resolved"]), p):
+                stats["correct"] += 1
+            elif cfg.locate == "rollouts":
+                stats["wrong"] += 1
+                got.add_search(tok, task, p, prompt, o["resolved"])
+            else:
+                stats["wrong"] += 1
+                got.add(*candidate(tok, task, p, prompt, o["resolved"], cfg))
+    labels = []
+    if cfg.locate == "rollouts":
+        labels = locate(model, tok, task, got.searches, rule, cfg, cap, max_new_tokens, stats)
+        for s in got.searches:
+            if s["end"] == "located":
+                got.add(*located_candidate(tok, s, cfg.max_error))
+    stats["candidates"] = len(got.cands)
+    kept = got.cands
+    if cfg.filter:
+        kept = apply_filter(model, got.cands, tok.bk_id, rule, cfg.filter_score, cfg.filter_threshold, cfg.batch_size)
+        gains = sorted(c["gain"] for c in got.cands)
+        if gains:
+            stats["gain_median"] = gains[len(gains) // 2]
+    stats["kept"] = len(kept)
+    n_traces, n_pairs, pairs_out, labels_out = write_outputs(cfg, tok, kept, got.needless, labels)
+    stats.update(traces=n_traces, pairs=n_pairs, needless_pairs=len(got.needless), seconds=round(time.time() - t0, 1))
     print(json.dumps(stats))
-    print(f"wrote {n_traces} traces to {cfg.out} and {n_pairs + len(needless_pairs)} DPO pairs to {pairs_out}"
-          + (f"; {len(labels)} process labels to {labels_out}" if cfg.locate == "rollouts" else ""))
+    print(f"wrote {n_traces} traces to {cfg.out} and {n_pairs + len(got.needless)} DPO pairs to {pairs_out}"
+          + (f"; {len(labels)} process labels to {labels_out}" if labels_out else ""))
     with open(os.path.splitext(cfg.out)[0] + ".stats.json", "w") as f:
         json.dump(dict(config=asdict(cfg), **stats), f, indent=1)
     return stats

@@ -1,7 +1,8 @@
 """
 The measurements behind bench.py: each function times one thing against its baseline, in the same
 process, and returns the figures; bench.py runs them by section and prints the report with the
-targets. `args` holds the settings of a run (bench.py applies the command line to it).
+targets. Config holds the settings of a run (bench.py applies the command line to one); each
+measurement takes what it needs of them as arguments.
 """
 import dataclasses
 import json
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from data import Prefetch, Trace, build_traces, collate, layout
+from augment import build_traces
+from data import Batch, Prefetch, Rule, Trace, collate, layout
 from hf import padded_vocab
-from decode import generate
+from decode import generate, replay
 from model import GPT, GPTConfig, KVCache, add_lora, lora_modules, sft_loss
 from tasks import get_task
 from tokenizer import get_tokenizer
@@ -83,7 +85,7 @@ class Config:
     trl_grpo_steps: int = 6         # the same for GRPO, whose iterations take seconds
 
 
-args = Config()   # the run's settings; main() applies the command line to it
+SEED = Config.seed   # the measurements' default seed, the run's
 
 # -----------------------------------------------------------------------------
 
@@ -110,9 +112,10 @@ def best_of(fn, reps, dev="cpu"):
     return best
 
 
-def tiny_config(**kw):
-    return GPTConfig(**dict(dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
-                                 vocab_size=args.vocab_size, n_vocab=args.n_vocab, eot_id=args.eot_id, bk_id=args.bk_id), **kw))
+def tiny_config(run, **kw):
+    """The tiny model's shape in the run's Config, with kw on top."""
+    return GPTConfig(**dict(dict(n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd, block_size=run.block_size,
+                                 vocab_size=run.vocab_size, n_vocab=run.n_vocab, eot_id=run.eot_id, bk_id=run.bk_id), **kw))
 
 
 def gpt2_config():
@@ -122,8 +125,8 @@ def gpt2_config():
                      n_vocab=50258, eot_id=50256, bk_id=50257)
 
 
-def make_model(cfg, dev="cpu", ptdtype=torch.float32):
-    torch.manual_seed(args.seed)
+def make_model(cfg, dev="cpu", ptdtype=torch.float32, seed=SEED):
+    torch.manual_seed(seed)
     return GPT(cfg).to(device=dev, dtype=ptdtype).eval()
 
 
@@ -173,17 +176,17 @@ def decode_nocache(model, prompt, max_new_tokens, temperature=1.0, gen=None):
     return idx
 
 
-def bench_decode(model, max_new_tokens, plen=16, reps=3, nocache_reps=1):
+def bench_decode(model, max_new_tokens, plen=16, reps=3, nocache_reps=1, seed=SEED):
     """Batch-1 decode tokens/s, KV cache (decode.generate, policy keep) vs full re-forward."""
     dev = next(model.parameters()).device
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     prompt = random_prompts(1, plen, model.config.eot_id, rng)[0]
-    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     # warm up both paths: first calls pay for allocator growth and kernel selection
-    generate(model, [prompt], max_new_tokens=8, policy="keep", stop_at_eot=False, seed=args.seed)
+    generate(model, [prompt], max_new_tokens=8, rule=Rule("keep"), stop_at_eot=False, seed=seed)
     decode_nocache(model, prompt, 8, gen=gen)
-    best = best_of(lambda: generate(model, [prompt], max_new_tokens=max_new_tokens, policy="keep",
-                                    stop_at_eot=False, seed=args.seed), reps, dev)
+    best = best_of(lambda: generate(model, [prompt], max_new_tokens=max_new_tokens, rule=Rule("keep"),
+                                    stop_at_eot=False, seed=seed), reps, dev)
     t_nc = best_of(lambda: decode_nocache(model, prompt, max_new_tokens, gen=gen), nocache_reps, dev)
     return dict(cache_tps=max_new_tokens / best, nocache_tps=max_new_tokens / t_nc,
                 cache_ms_per_tok=1e3 * best / max_new_tokens, nocache_ms_per_tok=1e3 * t_nc / max_new_tokens)
@@ -193,7 +196,7 @@ def bench_decode(model, max_new_tokens, plen=16, reps=3, nocache_reps=1):
 
 
 @torch.no_grad()
-def bench_vs_hf(cfg, rows, new_tokens, plen=16, reps=3, dev="cpu", ptdtype=torch.float32):
+def bench_vs_hf(cfg, rows, new_tokens, plen=16, reps=3, dev="cpu", ptdtype=torch.float32, seed=SEED):
     """Greedy decode of `rows` prompts, `new_tokens` each (no early stop), by decode.generate and by
     Hugging Face's generate on the same weights (export_hf, then transformers reads the folder);
     the tokens must agree. Returns tokens/s of each, or None without transformers (test-only)."""
@@ -203,7 +206,7 @@ def bench_vs_hf(cfg, rows, new_tokens, plen=16, reps=3, dev="cpu", ptdtype=torch
         return None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    model = make_model(cfg, dev, ptdtype)
+    model = make_model(cfg, dev, ptdtype, seed)
     # generate bans BK and the table padding, Hugging Face does not: zero rows give those ids
     # logit 0, far below the top of a random model's logits, so greedy never picks them
     model.transformer.wte.weight[cfg.n_vocab:] = 0
@@ -213,9 +216,9 @@ def bench_vs_hf(cfg, rows, new_tokens, plen=16, reps=3, dev="cpu", ptdtype=torch
         ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=ptdtype).to(dev).eval()
     ref.generation_config.eos_token_id = None   # a fixed number of new tokens, like stop_at_eot=False
     ref.generation_config.pad_token_id = cfg.eot_id
-    prompts = random_prompts(rows, plen, cfg.eot_id, random.Random(args.seed))
+    prompts = random_prompts(rows, plen, cfg.eot_id, random.Random(seed))
     ids = torch.tensor(prompts, device=dev)
-    ours = lambda: generate(model, prompts, max_new_tokens=new_tokens, temperature=0, policy="keep",
+    ours = lambda: generate(model, prompts, max_new_tokens=new_tokens, temperature=0, rule=Rule("keep"),
                             stop_at_eot=False)
     theirs = lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                   do_sample=False)
@@ -232,12 +235,12 @@ def bench_vs_hf(cfg, rows, new_tokens, plen=16, reps=3, dev="cpu", ptdtype=torch
 
 
 @torch.no_grad()
-def bench_rewind(cfg, lengths=(64, 4096), n=20000, dev="cpu", ptdtype=torch.float32, chunk=64):
+def bench_rewind(cfg, lengths=(64, 4096), n=20000, dev="cpu", ptdtype=torch.float32, chunk=64, seed=SEED):
     """Per-rewind microseconds of KVCache.rewind on one row at each cache length, and of a
     rewind-decode step (rewind + the next logits read from the stored hidden state), beside a
     normal one-token decode step at the same length. The cache contents do not change the cost
     of any of these, so the cache is filled by setting lengths, not by a prefill."""
-    model = make_model(cfg, dev, ptdtype)
+    model = make_model(cfg, dev, ptdtype, seed)
     cache = KVCache(cfg, 1, max(lengths) + 1, device=dev, dtype=ptdtype)
     rows = torch.tensor([0], device=dev)
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -284,14 +287,14 @@ def bench_rewind(cfg, lengths=(64, 4096), n=20000, dev="cpu", ptdtype=torch.floa
 
 
 @torch.no_grad()
-def bench_batched(model, rows=16, max_new_tokens=256, plen=16, p=0.15, reps=2, forced=True):
+def bench_batched(model, rows=16, max_new_tokens=256, plen=16, p=0.15, reps=2, forced=True, seed=SEED):
     """Sampled decode of `rows` prompts in one cache vs the same prompts one by one (same number
     of tokens), then batched replays of random traces with BKs under each policy."""
     dev = next(model.parameters()).device
     cfg = model.config
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     prompts = random_prompts(rows, plen, cfg.eot_id, rng)
-    kw = dict(max_new_tokens=max_new_tokens, temperature=1.0, stop_at_eot=False, seed=args.seed, policy="keep")
+    kw = dict(max_new_tokens=max_new_tokens, temperature=1.0, stop_at_eot=False, seed=seed, rule=Rule("keep"))
     generate(model, prompts, **dict(kw, max_new_tokens=8))  # warm-up
     generate(model, prompts[:1], **dict(kw, max_new_tokens=8))
     t_batch = best_of(lambda: generate(model, prompts, **kw), reps, dev)
@@ -319,7 +322,7 @@ def bench_batched(model, rows=16, max_new_tokens=256, plen=16, p=0.15, reps=2, f
     plain = [random_response(len(f), cfg.bk_id, cfg.eot_id, 0.0, rng) for f in force]
     n_act = sum(len(f) for f in force)
     runs = dict(keep=("keep", force), rewind=("rewind", force), plain=("rewind", plain))
-    run = lambda name: generate(model, prompts, max_new_tokens=max_new_tokens, policy=runs[name][0], force=runs[name][1])
+    run = lambda name: replay(model, prompts, runs[name][1], Rule(runs[name][0]))
     for name in runs:
         assert all(o["response"] == f for o, f in zip(run(name), runs[name][1])), "a forced row ended early"
     t = {name: math.inf for name in runs}
@@ -332,63 +335,65 @@ def bench_batched(model, rows=16, max_new_tokens=256, plen=16, p=0.15, reps=2, f
     return res
 
 
+class Phases:
+    """A timer for decode.generate(timer=...): the (start, end) of every span of each phase the
+    decoder enters it for ("prefill", "model", "sampler"), by the device's clock. A plain context
+    manager, not a generator one: entering and leaving cost a third as much, and what they cost
+    outside the spans is counted as bookkeeping."""
+
+    def __init__(self, dev):
+        self.dev = dev
+        self.spans = {"prefill": [], "model": [], "sampler": []}
+
+    def __call__(self, phase):
+        self.phase = phase   # (phases never nest)
+        return self
+
+    def __enter__(self):
+        self.t0 = clock(self.dev)
+
+    def __exit__(self, *exc):
+        self.spans[self.phase].append((self.t0, clock(self.dev)))
+
+
 @torch.no_grad()
-def bench_rollout(model, rows=64, new_tokens=96, plen=16, reps=3):
+def bench_rollout(model, rows=64, new_tokens=96, plen=16, reps=3, seed=SEED):
     """Where a sampled rollout step of `rows` rows (policy rewind, slot bans, a backtrack cap, a stop
     at end-of-text: what train_grpo.py runs) spends its time, each part timed inside the same
-    generate call: the model (every GPT.hidden call and the head), the sampler (shape_logits and
-    decode.sample: the log-softmax and the inverse-CDF draw), and generate's own bookkeeping, the
-    rest (stacks, bans, caps, finished rows, the recorded log-probs). Shares are taken over the
-    decode loop, from the first step's logits to the last forward; the call's setup (cache
-    allocation, prompt tensors, prefill) and final transfer are reported apart. The run with the
-    shortest loop is reported."""
-    import decode as decodelib
+    generate call by its timer (Phases): the model (every forward and the head), the sampler
+    (shape_logits and decode.sample: the log-softmax and the inverse-CDF draw), and generate's own
+    bookkeeping, the rest (stacks, bans, caps, finished rows, the recorded log-probs). Shares are
+    taken over the decode loop, from the first step's logits to the last forward; the call's setup
+    (cache allocation, prompt tensors, prefill) and final transfer are reported apart. The run with
+    the shortest loop is reported."""
     dev = next(model.parameters()).device
-    prompts = random_prompts(rows, plen, model.config.eot_id, random.Random(args.seed))
-    kw = dict(max_new_tokens=new_tokens, temperature=1.0, policy="rewind", max_backtracks=4, stop_at_eot=True,
-              seed=args.seed)
-    calls = {"model": [], "sampler": []}
-
-    def timed(fn, part):
-        def call(*a, **k):
-            t0 = clock(dev)
-            out = fn(*a, **k)
-            calls[part].append((t0, clock(dev)))
-            return out
-        return call
-
+    prompts = random_prompts(rows, plen, model.config.eot_id, random.Random(seed))
+    kw = dict(max_new_tokens=new_tokens, temperature=1.0, rule=Rule("rewind"), max_backtracks=4, stop_at_eot=True,
+              seed=seed)
     # a random model almost never backtracks: steer its last hidden state towards BK (tied
     # embeddings), so that rows pop and get slot bans in most steps, as an SFT model's do
     cfg = model.config
-    u = torch.nn.functional.normalize(torch.randn(cfg.n_embd, generator=torch.Generator().manual_seed(args.seed)), dim=0)
+    u = torch.nn.functional.normalize(torch.randn(cfg.n_embd, generator=torch.Generator().manual_seed(seed)), dim=0)
     model.transformer.ln_f.bias.copy_(u.to(model.transformer.ln_f.bias))
     model.transformer.wte.weight[cfg.bk_id] = 3.0 * u.to(model.transformer.wte.weight)
     out = generate(model, prompts, **kw)   # warm-up
     n_bk = sum(o["response"].count(cfg.bk_id) for o in out) / sum(len(o["response"]) for o in out)
     best = None
-    saved = decodelib.shape_logits, decodelib.sample, decodelib.linear
-    # the head is decode.linear's call (it reads the cache's weight copies), not lm_head.forward
-    model.hidden, decodelib.linear = timed(model.hidden, "model"), timed(saved[2], "model")
-    decodelib.shape_logits, decodelib.sample = timed(saved[0], "sampler"), timed(saved[1], "sampler")
-    try:
-        for _ in range(max(1, reps)):
-            calls["model"].clear(), calls["sampler"].clear()
-            t0 = clock(dev)
-            generate(model, prompts, **kw)
-            total = clock(dev) - t0
-            prefill, loop = calls["model"][0], calls["model"][1:]   # the prompts' forward, then a head and a forward per step
-            window = loop[-1][1] - loop[0][0]
-            inside = sum(b - a for a, b in loop)
-            sampler = sum(b - a for a, b in calls["sampler"])
-            steps = len(calls["sampler"]) // 2   # (rows that end early leave the loop running: all rarely do)
-            r = dict(step_us=1e6 * window / steps, model_us=1e6 * inside / steps, bk_share=n_bk,
-                     overhead=(window - inside) / window, sampler=sampler / window,
-                     bookkeeping=(window - inside - sampler) / window,
-                     setup=(total - window - (prefill[1] - prefill[0])) / total)
-            best = r if best is None or r["step_us"] < best["step_us"] else best
-    finally:
-        del model.hidden
-        decodelib.shape_logits, decodelib.sample, decodelib.linear = saved
+    for _ in range(max(1, reps)):
+        timer = Phases(dev)
+        t0 = clock(dev)
+        generate(model, prompts, **kw, timer=timer)
+        total = clock(dev) - t0
+        (prefill,), loop = timer.spans["prefill"], timer.spans["model"]   # a head and a forward per step
+        window = loop[-1][1] - loop[0][0]
+        inside = sum(b - a for a, b in loop)
+        sampler = sum(b - a for a, b in timer.spans["sampler"])
+        steps = len(timer.spans["sampler"])   # (rows that end early leave the loop running: all rarely do)
+        r = dict(step_us=1e6 * window / steps, model_us=1e6 * inside / steps, bk_share=n_bk,
+                 overhead=(window - inside) / window, sampler=sampler / window,
+                 bookkeeping=(window - inside - sampler) / window,
+                 setup=(total - window - (prefill[1] - prefill[0])) / total)
+        best = r if best is None or r["step_us"] < best["step_us"] else best
     return best
 
 # -----------------------------------------------------------------------------
@@ -418,13 +423,14 @@ def flops_per_token(model, T):
     return 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
 
 
-def bench_train(model, batch=32, length=128, iters=4, p=0.15, peak=None, ptdtype=torch.float32, use_compile=False):
+def bench_train(model, batch=32, length=128, iters=4, p=0.15, peak=None, ptdtype=torch.float32, use_compile=False,
+                seed=SEED):
     """Forward + backward + AdamW step tokens/s for each policy's layout of the same traces.
     Tokens are the B x T nodes the forward processes (padding included, as the model pays for it)."""
     dev = next(model.parameters()).device
     dt = str(dev).split(":")[0]
     cfg = model.config
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     traces = train_traces(batch, length, cfg.bk_id, cfg.eot_id, p, rng)
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=dt, dtype=ptdtype)
     scaler = torch.amp.GradScaler(dt, enabled=(ptdtype == torch.float16))
@@ -435,12 +441,12 @@ def bench_train(model, batch=32, length=128, iters=4, p=0.15, peak=None, ptdtype
     res = {}
     for policy in ("keep", "rewind"):
         # data prep on its own clock: layout per trace, then collate into tensors
-        lays = [layout(t, cfg.bk_id, policy) for t in traces]
-        t_layout = best_of(lambda: [layout(t, cfg.bk_id, policy) for t in traces], 3)
+        lays = [layout(t, cfg.bk_id, Rule(policy)) for t in traces]
+        t_layout = best_of(lambda: [layout(t, cfg.bk_id, Rule(policy)) for t in traces], 3)
         t_collate = best_of(lambda: collate(lays, device=dev), 3, dev)
         b = collate(lays, device=dev)
-        assert policy == "rewind" or b["mask"] is None, "keep must take the mask=None fast path"
-        B, T = b["ids"].shape
+        assert policy == "rewind" or b.mask is None, "keep must take the mask=None fast path"
+        B, T = b.ids.shape
 
         def step():
             with ctx:
@@ -457,7 +463,7 @@ def bench_train(model, batch=32, length=128, iters=4, p=0.15, peak=None, ptdtype
         t_step = best_of(step, iters, dev)
         tps = B * T / t_step
         res[f"{policy}_T"] = T
-        res[f"{policy}_masked"] = b["mask"] is not None
+        res[f"{policy}_masked"] = b.mask is not None
         res[f"{policy}_real_tps"] = sum(len(L["ids"]) for L in lays) / t_step  # without the padding
         res[f"{policy}_tps"] = tps
         res[f"{policy}_step_ms"] = 1e3 * t_step
@@ -487,37 +493,38 @@ class HeadOnly(torch.nn.Module):
         return self.lm_head(self.h[act[0], act[1]])
 
 
-def bench_loss_head(n_actions=256, n_embd=768, vocab_size=50304, n_vocab=50258, reps=3, dev="cpu"):
+def bench_loss_head(n_actions=256, n_embd=768, vocab_size=50304, n_vocab=50258, reps=3, dev="cpu", p=0.2, seed=SEED):
     """Forward + backward of the SFT loss head (model.sft_loss: lm_head on the acting nodes only,
     bans written sparsely, one fused cross-entropy) against lm_head + F.cross_entropy on the same
-    hidden states, at GPT-2's vocabulary, on the actions of random `rewind` traces with bans."""
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+    hidden states, at GPT-2's vocabulary, on the actions of random `rewind` traces with bans (a BK
+    with chance p at each step)."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
     bk = n_vocab - 1
     lays = []
     while sum(len(L["tgt"]) for L in lays) < n_actions:
-        t = Trace(random_prompts(1, 16, bk, rng)[0], random_response(48, bk, bk, args.forced_bk, rng))
-        lays.append(layout(t, bk, "rewind"))
+        t = Trace(random_prompts(1, 16, bk, rng)[0], random_response(48, bk, bk, p, rng))
+        lays.append(layout(t, bk, Rule("rewind")))
     batch = collate(lays, device=dev)
-    head = HeadOnly(torch.randn(*batch["ids"].shape, n_embd), vocab_size, n_vocab).to(dev)
-    act = (batch["act_row"], batch["act_src"])
+    head = HeadOnly(torch.randn(*batch.ids.shape, n_embd), vocab_size, n_vocab).to(dev)
+    act = (batch.act_row, batch.act_src)
 
     def ours():
         sft_loss(head, batch).backward()
 
     def plain():
-        F.cross_entropy(head.lm_head(head.h[act]), batch["tgt"]).backward()
+        F.cross_entropy(head.lm_head(head.h[act]), batch.tgt).backward()
 
     ours(), plain()
     t_ours = t_plain = math.inf
     for _ in range(max(1, reps)):   # interleaved
         t_ours = min(t_ours, best_of(ours, 1, dev))
         t_plain = min(t_plain, best_of(plain, 1, dev))
-    return dict(head_ms=1e3 * t_ours, plain_ms=1e3 * t_plain, n_actions=len(batch["tgt"]),
-                n_bans=len(batch["ban_tok"]))
+    return dict(head_ms=1e3 * t_ours, plain_ms=1e3 * t_plain, n_actions=len(batch.tgt),
+                n_bans=len(batch.ban_tok))
 
 
-def bench_sft_data(steps=20, dev="cpu"):
+def bench_sft_data(steps=20, dev="cpu", seed=SEED):
     """Data preparation against the default SFT step (train_sft.py's defaults: arith problems in
     byte tokens, 32 traces half with backtracks, the `rewind` layout, a 4 x 192 model, AdamW), at
     the curriculum's last phase (3 backtracks). Returns the time one step's data takes to build
@@ -525,17 +532,17 @@ def bench_sft_data(steps=20, dev="cpu"):
     building it on a background thread, as train_sft.py's loop does, each over the step's wall time.
     The first prefetched step is left out: its data cannot be built ahead, once per run."""
     tok, task = get_tokenizer("byte"), get_task("arith")
-    pool = task.problems("train", n=50000, seed=args.seed)
-    torch.manual_seed(args.seed)
+    pool = task.problems("train", n=50000, seed=seed)
+    torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=128, vocab_size=padded_vocab(tok.n_vocab), n_vocab=tok.n_vocab,
                           eot_id=tok.eot_id, bk_id=tok.bk_id, n_layer=4, n_head=4, n_embd=192)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
     def make(step):   # train_sft.global_batch + micro_batches, with its checks
-        rng = random.Random(args.seed * 1_000_003 + step)
+        rng = random.Random(seed * 1_000_003 + step)
         traces = build_traces(tok, task, [pool[rng.randrange(len(pool))] for _ in range(32)], rng,
                               backtrack_ratio=0.5, max_backtracks=3, augment="plausible")
-        lays = [layout(t, tok.bk_id, "rewind") for t in traces]
+        lays = [layout(t, tok.bk_id, Rule("rewind")) for t in traces]
         assert not any(w > 0 and t in b for L in lays for t, w, b in zip(L["tgt"], L["weight"], L["bans"]))
         return collate(lays, device=dev)
 
@@ -576,20 +583,22 @@ def qwen_config():
 
 
 def causal_batch(cfg, B, T, dev="cpu"):
-    """A batch of B random sequences of T tokens in collate's format, every next token a target and
-    no bans: plain causal LM training, for the sections that time a step at a large shape."""
+    """A data.Batch of B random sequences of T tokens, every next token a target and no bans:
+    plain causal LM training, for the sections that time a step at a large shape."""
     ids = torch.randint(0, cfg.eot_id, (B, T), device=dev)
     act_row, act_src = torch.arange(B, device=dev).repeat_interleave(T - 1), torch.arange(T - 1, device=dev).repeat(B)
-    return dict(ids=ids, pos=torch.arange(T, device=dev).expand(B, T), mask=None, act_row=act_row, act_src=act_src,
-                tgt=ids[act_row, act_src + 1], weight=torch.ones(B * (T - 1), device=dev),
-                ban_act=torch.zeros(0, dtype=torch.long, device=dev), ban_tok=torch.zeros(0, dtype=torch.long, device=dev))
+    n = B * (T - 1)
+    return Batch(ids=ids, pos=torch.arange(T, device=dev).expand(B, T), mask=None, act_row=act_row, act_src=act_src,
+                 tgt=ids[act_row, act_src + 1], weight=torch.ones(n, device=dev), wrong=torch.full((n,), -1.0, device=dev),
+                 ban_act=torch.zeros(0, dtype=torch.long, device=dev), ban_tok=torch.zeros(0, dtype=torch.long, device=dev),
+                 n_tokens=B * T)
 
 
-def bench_large(cfg, dev, ptdtype, batch=8, length=1024, rows=64, new_tokens=256, iters=5, peak=None):
+def bench_large(cfg, dev, ptdtype, batch=8, length=1024, rows=64, new_tokens=256, iters=5, peak=None, seed=SEED):
     """Training (causal LM loss through sft_loss, autocast to ptdtype, AdamW) and rollout (sampled
     generate under `rewind`, weights cast to ptdtype) tokens/s and MFU against `peak`, for a random
     model of config cfg. Written for CUDA; main() runs it only there."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = GPT(cfg).to(dev)
     dt = str(dev).split(":")[0]
     B, T = batch, length
@@ -610,9 +619,9 @@ def bench_large(cfg, dev, ptdtype, batch=8, length=1024, rows=64, new_tokens=256
     res["train_mfu"] = flops_per_token(model, T) * res["train_tps"] / peak if peak else 0.0
     del opt
     model = model.to(ptdtype).eval()
-    prompts = random_prompts(rows, 16, cfg.eot_id, random.Random(args.seed))
-    roll = lambda: generate(model, prompts, max_new_tokens=new_tokens, temperature=1.0, policy="rewind",
-                            max_backtracks=4, stop_at_eot=False, seed=args.seed)
+    prompts = random_prompts(rows, 16, cfg.eot_id, random.Random(seed))
+    roll = lambda: generate(model, prompts, max_new_tokens=new_tokens, temperature=1.0, rule=Rule("rewind"),
+                            max_backtracks=4, stop_at_eot=False, seed=seed)
     roll()
     t = best_of(roll, 2, dev)
     res["rollout_tps"] = rows * new_tokens / t

@@ -1,8 +1,9 @@
 """
 Tokenizers: tiktoken encodings with the two special tokens every model here knows, end-of-text and
 <|BACKTRACK|> (BK), read from the byte vocabulary, GPT-2's BPE ranks or a Hugging Face folder
-(Llama 3, Qwen2/Qwen3, GPT-2), the end ids a checkpoint declares, and the chat templates of
-instruct models, rendered the way `transformers` renders them.
+(Llama 3, Qwen2/Qwen3, GPT-2), the end ids a checkpoint declares, the chat templates of instruct
+models, rendered the way `transformers` renders them, and the tokenizer files a checkpoint or an
+export carries.
 
 Ids are what every other file works in: a trace is built, resolved and scored in token ids, never
 by editing text (docs/backtrack-semantics.md §1). `encode` never produces a special token from
@@ -13,8 +14,16 @@ import functools
 import json
 import os
 import re
+import shutil
 
-from hf import BK_TEXT, EOT_TEXT, bytes_to_unicode, declared_eos_ids, has_tokenizer_files, read_json
+from common import read_json
+
+BK_TEXT = "<|BACKTRACK|>"
+EOT_TEXT = "<|endoftext|>"
+# what a Hugging Face folder's tokenizer is made of (read below; checkpoints and exports
+# carry copies). generation_config.json is written, not copied: see copy_tokenizer_files.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 # GPT-2's BPE ranks ship with the repository (assets/, MIT licence beside them): no download needed
 GPT2_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "gpt2.tiktoken")
@@ -193,31 +202,11 @@ def _split_regex(pre):
     return None
 
 
-def read_hf_tokenizer(path):
-    """Read a Hugging Face folder's tokenizer as tiktoken ranks plus special tokens.
-
-    Sources, first found: tokenizer.json (fast tokenizer); vocab.json + merges.txt (slow tokenizer);
-    tokenizer.model in tiktoken's format (Meta's Llama 3 release, also under original/), whose 256
-    special tokens are LLAMA3_SPECIALS. tokenizer_config.json adds special tokens and names the eos.
-    eot: the eos token of tokenizer_config.json (<|eot_id|> / <|im_end|> for instruct models), else of
-    config.json. BK: an id the checkpoint already has but never uses, so its table keeps its shape: the
-    last <|reserved_special_token_N|> (Llama 3); else the id after the last token (Qwen's table has
-    unused rows there; GPT-2's gets padded by the model loader). A config.json written by export_hf
-    names it (backtrack_token_id); so does the config.json of a checkpoint of this project that carries
-    its tokenizer files (its eot_id and bk_id). stop_ids: eot, then every end id the folder declares
-    (hf.declared_eos_ids). chat_template: the folder's own, read as transformers reads it
-    (chat_template.jinja, else tokenizer_config.json's "chat_template", its "default" when it holds
-    several; else chat_template.json); template_vars: the named special tokens (bos_token, eos_token,
-    ...) a template sees. Returns dict(name, ranks, pat, special, eot_id, bk_id, bos_id, nfc, stop_ids,
-    chat_template, template_vars).
-    """
-    def js(name):
-        p = os.path.join(path, name)
-        return read_json(p) if os.path.exists(p) else {}
-
-    cfg, tcfg, tj = js("config.json"), js("tokenizer_config.json"), js("tokenizer.json")
-    if cfg.get("format") == "backtrack-gpt":   # a checkpoint of this project: its own ids decide
-        cfg = dict(eos_token_id=cfg["config"]["eot_id"], backtrack_token_id=cfg["config"]["bk_id"])
+def read_vocab(path, tj, tcfg):
+    """A Hugging Face folder's vocabulary as tiktoken ranks and special tokens, from the first of
+    tokenizer.json (tj, parsed), vocab.json + merges.txt, or a tiktoken tokenizer.model; with the
+    added tokens tokenizer_config.json (tcfg) declares. Returns (ranks, special, pat, nfc): pat and
+    nfc None where the files do not say (the family's default then applies)."""
     special, vocab, pat, nfc = {}, None, None, None
     if tj:
         m = tj.get("model") or {}
@@ -229,7 +218,7 @@ def read_hf_tokenizer(path):
         pat = _split_regex(tj.get("pre_tokenizer"))
         nfc = "NFC" in json.dumps(tj.get("normalizer"))
     elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt")):
-        vocab = js("vocab.json")
+        vocab = read_json(os.path.join(path, "vocab.json"))
         with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
             merges = [l for l in f.read().split("\n") if l and not l.startswith("#version")]
     else:
@@ -244,6 +233,35 @@ def read_hf_tokenizer(path):
     if vocab is not None:
         ranks, extra = byte_level_ranks(vocab, merges, special)
         special.update(extra)
+    return ranks, special, pat, nfc
+
+
+def read_hf_tokenizer(path):
+    """Read a Hugging Face folder's tokenizer as tiktoken ranks plus special tokens.
+
+    Sources, first found: tokenizer.json (fast tokenizer); vocab.json + merges.txt (slow tokenizer);
+    tokenizer.model in tiktoken's format (Meta's Llama 3 release, also under original/), whose 256
+    special tokens are LLAMA3_SPECIALS. tokenizer_config.json adds special tokens and names the eos.
+    eot: the eos token of tokenizer_config.json (<|eot_id|> / <|im_end|> for instruct models), else of
+    config.json. BK: an id the checkpoint already has but never uses, so its table keeps its shape: the
+    last <|reserved_special_token_N|> (Llama 3); else the id after the last token (Qwen's table has
+    unused rows there; GPT-2's gets padded by the model loader). A config.json written by export_hf
+    names it (backtrack_token_id); so does the config.json of a checkpoint of this project that carries
+    its tokenizer files (its eot_id and bk_id). stop_ids: eot, then every end id the folder declares
+    (declared_eos_ids). chat_template: the folder's own, read as transformers reads it
+    (chat_template.jinja, else tokenizer_config.json's "chat_template", its "default" when it holds
+    several; else chat_template.json); template_vars: the named special tokens (bos_token, eos_token,
+    ...) a template sees. Returns dict(name, ranks, pat, special, eot_id, bk_id, bos_id, nfc, stop_ids,
+    chat_template, template_vars).
+    """
+    def js(name):
+        p = os.path.join(path, name)
+        return read_json(p) if os.path.exists(p) else {}
+
+    cfg, tcfg, tj = js("config.json"), js("tokenizer_config.json"), js("tokenizer.json")
+    if cfg.get("format") == "backtrack-gpt":   # a checkpoint of this project: its own ids decide
+        cfg = dict(eos_token_id=cfg["config"]["eot_id"], backtrack_token_id=cfg["config"]["bk_id"])
+    ranks, special, pat, nfc = read_vocab(path, tj, tcfg)
 
     texts = set(special.values())
     mt = cfg.get("model_type", "")
@@ -397,3 +415,124 @@ def _mark(x, specials):
     if isinstance(x, (list, tuple)):
         return [_mark(v, specials) for v in x]
     return x
+
+# -----------------------------------------------------------------------------
+# the tokenizer files of a Hugging Face folder: which files make one, the end ids it declares, and
+# how a checkpoint or an export carries them (with <|BACKTRACK|> written in)
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from the 256 bytes to printable characters, which is how byte-level BPE
+    vocabularies are stored as JSON text: printable Latin-1 bytes stand for themselves, every other
+    byte b is the n-th character after chr(255), in byte order (so b' ' is 'Ġ', b'\\n' is 'Ċ')."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def declared_eos_ids(path):
+    """Every end id a folder declares: eos_token_id (an int or a list) of generation_config.json, then
+    of config.json, in order, without repeats (Llama 3 instruct: <|end_of_text|>, <|eom_id|>,
+    <|eot_id|>; Qwen instruct: <|im_end|>, <|endoftext|>). A checkpoint of this project declares its
+    own in the generation_config.json that copy_tokenizer_files writes."""
+    out = []
+    for name in ("generation_config.json", "config.json"):
+        f = os.path.join(path, name)
+        e = read_json(f).get("eos_token_id") if os.path.exists(f) else None
+        for x in e if isinstance(e, list) else [e]:
+            if isinstance(x, int) and not isinstance(x, bool) and x not in out:
+                out.append(x)
+    return out
+
+
+def has_tokenizer_files(path):
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
+                                       ("tokenizer.json", "vocab.json", "tokenizer.model",
+                                        os.path.join("original", "tokenizer.model")))
+
+
+def copy_tokenizer_files(src, dst, stop_ids=None):
+    """Copy a Hugging Face folder's tokenizer files (TOKENIZER_FILES; Meta's original/tokenizer.model
+    as tokenizer.model when it is the only one) into dst, so that dst's tokenizer reads the same.
+    generation_config.json is copied with eos_token_id set to stop_ids (default: every end id src
+    declares, declared_eos_ids), because dst's config.json may not be src's. Returns the names written."""
+    os.makedirs(dst, exist_ok=True)
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return []
+    names = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+    for f in names:
+        shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+    meta_model = os.path.join(src, "original", "tokenizer.model")
+    if not any(f in names for f in ("tokenizer.json", "vocab.json", "tokenizer.model")) and os.path.isfile(meta_model):
+        shutil.copyfile(meta_model, os.path.join(dst, "tokenizer.model"))
+        names.append("tokenizer.model")
+    gen_path = os.path.join(src, "generation_config.json")
+    gen = read_json(gen_path) if os.path.exists(gen_path) else {}
+    stops = list(stop_ids) if stop_ids is not None else declared_eos_ids(src)
+    if stops or gen:
+        gen["eos_token_id"] = stops if len(stops) != 1 else stops[0]
+        with open(os.path.join(dst, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
+        names.append("generation_config.json")
+    return names
+
+
+def add_bk_token(path, bk_id):
+    """Write <|BACKTRACK|> into the tokenizer files of folder `path` as a special added token with id
+    bk_id, replacing whatever token held that id (Llama 3: a <|reserved_special_token_N|>), so that
+    transformers' AutoTokenizer maps the text to bk_id and back."""
+    entry = dict(content=BK_TEXT, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    tj_path = os.path.join(path, "tokenizer.json")
+    if os.path.exists(tj_path):
+        with open(tj_path, encoding="utf-8") as f:
+            tj = json.load(f)
+        added = [a for a in tj.get("added_tokens") or [] if a["content"] != BK_TEXT or a["id"] == bk_id]
+        for a in added:
+            if a["id"] == bk_id:
+                a.update(entry)
+                break
+        else:
+            added.append(dict(id=bk_id, **entry))
+        tj["added_tokens"] = sorted(added, key=lambda a: a["id"])
+        vocab = (tj.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):   # a BPE vocabulary entry on that id gives way too
+            for k in [k for k, v in vocab.items() if v == bk_id and k != BK_TEXT]:
+                del vocab[k]
+                vocab[BK_TEXT] = bk_id
+        with open(tj_path, "w", encoding="utf-8") as f:
+            json.dump(tj, f, ensure_ascii=False, indent=2)
+    tc_path = os.path.join(path, "tokenizer_config.json")
+    tc = read_json(tc_path) if os.path.exists(tc_path) else {}
+    dec = {k: v for k, v in (tc.get("added_tokens_decoder") or {}).items()
+           if not (isinstance(v, dict) and v.get("content") == BK_TEXT)}
+    dec[str(bk_id)] = {k: v for k, v in entry.items()}
+    tc["added_tokens_decoder"] = dict(sorted(dec.items(), key=lambda kv: int(kv[0])))
+    with open(tc_path, "w", encoding="utf-8") as f:
+        json.dump(tc, f, ensure_ascii=False, indent=2)
+
+
+def write_byte_tokenizer(path, eot_id=256, bk_id=257, block_size=256):
+    """The byte tokenizer (256 byte tokens, no merges; end-of-text and BK after them) as a
+    tokenizer.json + tokenizer_config.json that transformers opens: a byte-level BPE without merges
+    whose pre-tokenizer splits nothing, so every byte stays its own token."""
+    b2u = bytes_to_unicode()
+    added = [dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+             for i, t in ((eot_id, EOT_TEXT), (bk_id, BK_TEXT))]
+    tj = dict(version="1.0", truncation=None, padding=None, added_tokens=added, normalizer=None,
+              pre_tokenizer=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False),
+              post_processor=None, decoder=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False,
+                                                use_regex=False),
+              model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None,
+                         end_of_word_suffix=None, fuse_unk=False, byte_fallback=False, ignore_merges=False,
+                         vocab={b2u[b]: b for b in range(256)}, merges=[]))
+    with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tj, f, ensure_ascii=False)
+    tc = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=EOT_TEXT, model_max_length=block_size,
+              added_tokens_decoder={str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added})
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f, indent=2)

@@ -29,21 +29,25 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eval_and_log, finish, choose_trainable, load_stage_model,
-                    lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
-from data import Trace, as_rule, completion_batch, layout
+from checkpoint import load_stage_model, restore, save_checkpoint
+from common import all_reduce_sum, cli, parse_kwargs, read_jsonl, require, step_seed
+from data import Rule, RuleFlags, Trace, completion_batch, layout
+from heldout import eval_and_log
 from model import completion_logprobs
 from plot import write_run_curves
-from tasks import checkpoint_task, read_jsonl
+from schedules import lr_at
+from tasks import checkpoint_task
+from training import (check_fsdp, choose_trainable, end_step, finish, grad_sync, make_optimizer, progress_bar,
+                      start_run, stop_if_not_finite, wrap)
 
 
 @dataclass
-class Config:
+class Config(RuleFlags):   # --policy, --slot_bans, --max_retries: the checkpoint's unless given (data.RuleFlags)
     out_dir: str = "out/dpo"
     init_from: str = "out/sft"        # a checkpoint of this project (the frozen reference too) | resume
     pairs_file: str = "out/self_pairs.jsonl"
@@ -51,9 +55,6 @@ class Config:
     task: str = ""
     task_kwargs: str = ""
     chat: bool = True                # prompts in the checkpoint's chat template when it has one; False: plain
-    policy: str = ""                  # rewind | keep; "" = the checkpoint's
-    slot_bans: str = ""               # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
-    max_retries: str = ""             # per-slot retry limit: a number | none; "" = the checkpoint's
     # loss
     loss_type: str = "sigmoid"        # sigmoid (DPO) | ipo
     beta: float = 0.1
@@ -106,11 +107,11 @@ def check_pairs(pairs, path, bk_id, rule):
     at that slot) has log-prob -inf: the pair could never be sampled and its loss is not finite."""
     for i, p in enumerate(pairs, 1):
         for k in ("chosen", "rejected"):
-            L = layout(Trace(p["prompt"], p["prefix"] + p[k]), bk_id, **as_rule(rule), mask_errors=False)
+            L = layout(Trace(p["prompt"], p["prefix"] + p[k]), bk_id, rule, mask_errors=False)
             for a in range(len(p["prefix"]), len(L["tgt"])):
                 if L["tgt"][a] in L["bans"][a]:
                     raise SystemExit(f"error: {path}: pair {i}: its {k} completion takes token {L['tgt'][a]}, which the "
-                                     f"decoding rule {as_rule(rule)} bans at that point; the pair cannot be scored")
+                                     f"decoding rule {rule} bans at that point; the pair cannot be scored")
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid"):
@@ -172,7 +173,7 @@ def pair_indices(step, seed, n, size):
     for k in range(step * size, (step + 1) * size):
         epoch, j = divmod(k, n)
         perm = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        random.Random(step_seed(seed, epoch)).shuffle(perm)
         out.append(perm[j])
     return out
 
@@ -190,11 +191,45 @@ def reference_logprobs(model, pairs, bk_id, rule, batch_size, device):
     model.train(was_training)
     return torch.cat(c), torch.cat(r)
 
+
+def dpo_step(model, pairs, part_of, ref_c, ref_r, bk_id, rule, cfg, ddp, world, global_size, device):
+    """Forward and backward over this rank's micro-batches (part_of(a): the pair indices of the
+    a-th). Returns the step's means over the global batch: loss, rewards chosen/rejected, share
+    correct, logps chosen/rejected."""
+    stats = torch.zeros(6, dtype=torch.float64)   # sums over this rank's pairs
+    for a in range(cfg.grad_accum):
+        part = part_of(a)
+        batch = pair_batch([pairs[i] for i in part], bk_id, rule, device)
+        with grad_sync(model, ddp, a == cfg.grad_accum - 1):
+            lp = completion_logprobs(model, batch)
+            n = len(part)
+            pi_c, pi_r = lp[:n], lp[n:]
+            sel = torch.tensor(part, device=device)
+            loss_vec, rc, rr = dpo_loss(pi_c, pi_r, ref_c[sel], ref_r[sel], cfg.beta, cfg.loss_type)
+            if cfg.sft_weight > 0:
+                n_tok = torch.tensor([len(pairs[i]["chosen"]) for i in part], device=device, dtype=lp.dtype)
+                loss_vec = loss_vec - cfg.sft_weight * pi_c / n_tok
+            # DDP averages gradients over processes: scale by world so the step follows the
+            # mean over the global batch, whatever the split into processes and micro-batches
+            loss = loss_vec.sum() / global_size * world
+            loss.backward()
+        stats += torch.tensor([loss_vec.sum().item(), rc.sum().item(), rr.sum().item(), (rc > rr).sum().item(),
+                               pi_c.sum().item(), pi_r.sum().item()], dtype=torch.float64)
+    return all_reduce_sum(stats.to(device), ddp).cpu() / global_size
+
 # -----------------------------------------------------------------------------
 
 
+def check_args(cfg, world):
+    """DPO's own argument rules (training.check_train_config has the shared ones)."""
+    require(cfg, "batch_size grad_accum", lambda v: v >= 1, "must be at least 1")
+    require(cfg, "beta sft_weight max_new_tokens", lambda v: v >= 0, "must be >= 0")
+    Rule.from_flags(cfg)   # the decoding-rule flags parse
+    check_fsdp(cfg)
+
+
 def main(argv=None):
-    cfg, ddp, rank, world, device = start_run(Config(), argv)
+    cfg, ddp, rank, world, device = start_run(Config(), argv, check_args)
     master = rank == 0
     resuming = cfg.init_from == "resume"
     model, tok, init_meta = load_stage_model(cfg.out_dir if resuming else cfg.init_from, device, "DPO", cfg.chat)
@@ -202,7 +237,7 @@ def main(argv=None):
     ref_path = init_meta.get("dpo_reference", cfg.init_from) if resuming else cfg.init_from
     task_name, task_kwargs, task = checkpoint_task(init_meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
-    rule = decoding_rule(cfg, init_meta)
+    rule = Rule.from_flags(cfg, init_meta)
     max_new_tokens = cfg.max_new_tokens or init_meta.get("max_new_tokens", 128)
     pairs = load_pairs(cfg.pairs_file, model.config.block_size, model.config.n_vocab)
     check_pairs(pairs, cfg.pairs_file, model.config.bk_id, rule)
@@ -227,12 +262,12 @@ def main(argv=None):
 
     choose_trainable(model, cfg, tok.bk_id)   # all, the BK rows (--embedding_only), or LoRA adapters (--lora_rank)
     raw = model
-    model = wrap(model, cfg, ddp)   # before the optimizer: FSDP replaces the parameters with shards
+    model = wrap(model, cfg, ddp, cfg.fsdp)   # before the optimizer: FSDP replaces the parameters with shards
     optimizer = make_optimizer(raw, cfg)
     start, log = restore(raw, optimizer, cfg, resuming, master)
     global_size = cfg.batch_size * cfg.grad_accum * world
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
-    meta = dict(task=task_name, task_kwargs=task_kwargs, **rule, max_new_tokens=max_new_tokens,
+    meta = dict(task=task_name, task_kwargs=task_kwargs, **asdict(rule), max_new_tokens=max_new_tokens,
                 stage="dpo", dpo_reference=ref_path)
     if master:
         print(f"model: {raw.num_params() / 1e6:.2f}M parameters | reference {ref_path} | {len(pairs)} pairs | "
@@ -255,32 +290,9 @@ def main(argv=None):
             g["lr"] = lr
         idx = pair_indices(step, cfg.seed, len(pairs), global_size)
         mine = idx[rank * per_rank:(rank + 1) * per_rank]
-        # sums over this rank's pairs: loss, rewards chosen/rejected, correct, logps chosen/rejected
-        stats = torch.zeros(6, dtype=torch.float64)
-        for a in range(cfg.grad_accum):
-            part = mine[a * per_micro:(a + 1) * per_micro]
-            batch = pair_batch([pairs[i] for i in part], tok.bk_id, rule, device)
-            sync = not ddp or a == cfg.grad_accum - 1
-            ctx = grad_sync(model, ddp, sync)
-            with ctx:
-                lp = completion_logprobs(model, batch)
-                n = len(part)
-                pi_c, pi_r = lp[:n], lp[n:]
-                sel = torch.tensor(part, device=device)
-                loss_vec, rc, rr = dpo_loss(pi_c, pi_r, ref_c[sel], ref_r[sel], cfg.beta, cfg.loss_type)
-                if cfg.sft_weight > 0:
-                    n_tok = torch.tensor([len(pairs[i]["chosen"]) for i in part], device=device, dtype=lp.dtype)
-                    loss_vec = loss_vec - cfg.sft_weight * pi_c / n_tok
-                # DDP averages gradients over processes: scale by world so the step follows the
-                # mean over the global batch, whatever the split into processes and micro-batches
-                loss = loss_vec.sum() / global_size * world
-                loss.backward()
-            stats += torch.tensor([loss_vec.sum().item(), rc.sum().item(), rr.sum().item(), (rc > rr).sum().item(),
-                                   pi_c.sum().item(), pi_r.sum().item()], dtype=torch.float64)
-        stats = all_reduce_sum(stats.to(device), ddp).cpu() / global_size
-        if not torch.isfinite(stats[0]):
-            raise SystemExit(f"error: loss is {stats[0].item()} at step {step}; stopping. The last good checkpoint "
-                             f"in {cfg.out_dir} is untouched.")
+        stats = dpo_step(model, pairs, lambda a: mine[a * per_micro:(a + 1) * per_micro], ref_c, ref_r, tok.bk_id, rule,
+                         cfg, ddp, world, global_size, device)
+        stop_if_not_finite(stats[0], step, cfg)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -292,7 +304,7 @@ def main(argv=None):
                 "rewards/chosen": rc, "rewards/rejected": rr, "rewards/margins": rc - rr, "rewards/accuracies": acc,
                 "logps/chosen": lc, "logps/rejected": lr_}, elapsed_s=time.time() - t0)
             bar.set_postfix(loss=f"{l:.4f}", margin=f"{rc - rr:.3f}", acc=f"{acc:.2f}")
-        if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
+        if end_step(done, cfg, master, ddp, lambda: save(done), run_eval, cfg.fsdp):
             break
     if master:
         write_run_curves(cfg.out_dir)   # curves.svg beside metrics.jsonl

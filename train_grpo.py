@@ -27,32 +27,32 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (all_reduce_sum, cli, decoding_rule, end_step, grad_sync, eval_and_log, finish, choose_trainable, load_stage_model, lr_at,
-                    make_optimizer, parse_kwargs, progress_bar, reduce_dict, restore, save_checkpoint, start_run, wrap)
-from data import Trace, as_rule, collate, layout
+from checkpoint import load_stage_model, restore, save_checkpoint
+from common import all_reduce_sum, cli, parse_kwargs, reduce_dict, require, step_seed
+from data import Rule, RuleFlags, Trace, collate, layout
 from decode import generate
+from heldout import eval_and_log
 from model import GPT, action_logprobs, lora_modules, unwrap
 from plot import write_run_curves
-from reward import (COMPONENTS, RewardConfig, WeightSchedule, budget_at, prm_process_score, score, step_wrong_probs,
-                    total)
+from reward import COMPONENTS, RewardConfig, prm_process_score, score, step_wrong_probs, total
+from schedules import WeightSchedule, budget_at, lr_at
 from tasks import checkpoint_task, prompt_ids
+from training import (choose_trainable, end_step, finish, grad_sync, make_optimizer, progress_bar, start_run,
+                      stop_if_not_finite, wrap)
 
 
 @dataclass
-class Config:
+class Config(RuleFlags):   # --policy, --slot_bans, --max_retries: the checkpoint's unless given (data.RuleFlags)
     out_dir: str = "out/grpo"
     init_from: str = "out/sft"       # an SFT checkpoint folder | resume (continue out_dir exactly)
     # task (default: the checkpoint's own task, settings and context policy)
     task: str = ""
     task_kwargs: str = ""
     chat: bool = True                # prompts in the checkpoint's chat template when it has one; False: plain
-    policy: str = ""                 # rewind | keep; "" = the checkpoint's
-    slot_bans: str = ""              # on | off; "" = the checkpoint's (docs/backtrack-semantics.md §4)
-    max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
     n_train: int = 50000             # size of the training problem pool
     # rollouts
     prompts_per_step: int = 16       # P: prompts per step, over all processes
@@ -177,7 +177,7 @@ def rollout(model, tok, task, problems, cfg, rule, seed, budget, weights, rc, pr
     was_training = raw.training
     raw.eval()
     prompts = [prompt_ids(tok, task, p) for p in problems for _ in range(cfg.group_size)]
-    outs = generate(raw, prompts, max_new_tokens=cfg.max_new_tokens, **as_rule(rule), temperature=cfg.temperature,
+    outs = generate(raw, prompts, max_new_tokens=cfg.max_new_tokens, rule=rule, temperature=cfg.temperature,
                     top_k=cfg.top_k, top_p=cfg.top_p, max_backtracks=cfg.max_backtracks, seed=seed,
                     stop_ids=tok.stop_ids)
     raw.train(was_training)
@@ -197,7 +197,7 @@ def recompute_batches(rows, tok, rule, cfg, device):
     """Collated training batches of micro_batch rows each, with the index of each batch's first row."""
     out = []
     for s in range(0, len(rows), cfg.micro_batch):
-        lays = [layout(Trace(r["prompt"], r["response"]), tok.bk_id, **as_rule(rule), mask_errors=False,
+        lays = [layout(Trace(r["prompt"], r["response"]), tok.bk_id, rule, mask_errors=False,
                        max_backtracks=cfg.max_backtracks) for r in rows[s:s + cfg.micro_batch]]
         out.append((s, collate(lays, device=device)))
     return out
@@ -225,7 +225,7 @@ class Reference:
             for name, p in model.named_parameters():
                 if not p.requires_grad:
                     continue
-                if name.endswith(("wte.weight", "lm_head.weight")):   # masked to the BK row (common.choose_trainable)
+                if name.endswith(("wte.weight", "lm_head.weight")):   # masked to the BK row (training.choose_trainable)
                     key = name if name in have else "transformer.wte.weight"   # a tied head is saved as wte
                     self.saved.append((p, bk_id, f.get_slice(key)[bk_id:bk_id + 1][0].to(p)))
                 elif name in have:
@@ -250,6 +250,12 @@ class Reference:
 
 
 def check_args(cfg, world):
+    """GRPO's own argument rules (training.check_train_config has the shared ones)."""
+    require(cfg, "prompts_per_step micro_batch n_train num_iterations", lambda v: v >= 1, "must be at least 1")
+    require(cfg, "beta top_k max_new_tokens", lambda v: v >= 0, "must be >= 0")
+    require(cfg, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    require(cfg, "group_size", lambda v: v >= 2, "must be at least 2: advantages are relative to the group")
+    Rule.from_flags(cfg)   # the decoding-rule flags parse
     if cfg.prompts_per_step % world or cfg.prompts_per_step < world:
         raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must divide among {world} processes")
     if cfg.max_new_tokens < 1 or cfg.temperature <= 0:
@@ -277,6 +283,114 @@ def load_prm(path, tok, device):
     return prm.eval().requires_grad_(False)
 
 
+def advantages(rows, cfg, ddp, L):
+    """Group-relative advantages (a group never spans processes; the batch std may) and each
+    completion's token weight (sequence_weights, over the global batch). Returns (rewards, adv,
+    w_seq, truncated, lengths)."""
+    rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+    batch_std = None
+    if cfg.scale_rewards == "batch":
+        s = all_reduce_sum(torch.tensor([rewards.sum(), (rewards ** 2).sum(), float(len(rows))],
+                                        dtype=torch.float64), ddp)
+        n = float(s[2])
+        batch_std = math.sqrt(max(float(s[1]) - float(s[0]) ** 2 / n, 0.0) / max(n - 1, 1.0))
+    adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, batch_std).float()
+    truncated = torch.tensor([not r["ended"] for r in rows])
+    lengths = torch.tensor([len(r["response"]) for r in rows])
+    counted = lengths.masked_fill(truncated, 0) if cfg.mask_truncated else lengths
+    n_glob = all_reduce_sum(torch.tensor([float((counted > 0).sum()), float(counted.sum()), float(len(rows))],
+                                         dtype=torch.float64), ddp)
+    n_seq = int(n_glob[2]) if cfg.loss_type == "dr_grpo" else int(n_glob[0])
+    return rewards, adv, sequence_weights(counted, cfg.loss_type, n_seq, int(n_glob[1]), L), truncated, lengths
+
+
+def check_recompute(lp, rows, cfg, step):
+    """Invariant 4: the recompute scores what the sampler drew from. Returns the rollout's own
+    log-probs of these rows, which are the ratio's pi_old."""
+    rec = torch.tensor([x for r in rows for x in r["logprobs"]], device=lp.device)
+    assert rec.shape == lp.shape, "layout actions do not match the sampled actions"
+    err = (lp.detach() - rec).abs().max().item() if rec.numel() else 0.0
+    # The two paths run different fp32 kernels (cached decoding with packed weights; one full
+    # forward): on the default run the gap averages 1e-7 a token and reached 1.5e-4 at one token in
+    # 22 steps, while a real disagreement (a wrong mask, temperature or ban) moves log-probs by
+    # 1e-2 and more
+    if not err <= 1e-3:
+        raise RuntimeError(f"recomputed log-probs differ from the rollout's by {err:.2e} "
+                           f"(step {step}): training and sampling distributions disagree")
+    return lp.detach()
+
+
+def policy_update(model, raw, ref, optimizer, batches, rows, adv, w_seq, cfg, ddp, world, step):
+    """num_iterations passes over the step's batches, each one optimizer step: the clipped
+    surrogate, plus beta * KL to the reference. Returns the summed stats of this rank."""
+    old = [None] * len(batches)      # log-probs of the first pass (== the rollout's), the ratio's pi_old
+    ref_lp = [None] * len(batches)
+    lora_ref = isinstance(ref, Reference)
+    stats = dict(loss=0.0, kl=0.0, clip_low=0.0, clip_high=0.0, tokens=0.0)
+    for it in range(cfg.num_iterations):
+        for k, (s0, batch) in enumerate(batches):
+            with grad_sync(model, ddp, k == len(batches) - 1):
+                if it == 0 and ref is not None:   # before the policy's forward: the LoRA reference swaps weights in place
+                    with torch.no_grad(), (ref if lora_ref else contextlib.nullcontext()):
+                        ref_lp[k] = rollout_logprobs(raw if lora_ref else ref, batch, cfg)
+                lp = rollout_logprobs(model, batch, cfg)
+                if it == 0:
+                    old[k] = check_recompute(lp, rows[s0:s0 + cfg.micro_batch], cfg, step)
+                row = batch.act_row + s0
+                a, w = adv.to(lp.device)[row], w_seq.to(lp.device)[row]
+                tok_loss, low, high = clipped_objective(lp, old[k], a, cfg.epsilon_low, cfg.epsilon_high)
+                if ref is not None:
+                    kl = kl_k3(lp, ref_lp[k])
+                    tok_loss = tok_loss + cfg.beta * kl
+                    stats["kl"] += float((kl.detach() * (w > 0)).sum())
+                # DDP averages gradients over processes; the weights already hold the global
+                # normaliser, so scale by world to get the sum over the global batch
+                loss = (tok_loss * w).sum() * world
+                loss.backward()
+            stats["loss"] += loss.item() / world
+            live = w > 0
+            stats["clip_low"] += float((low & live).sum())
+            stats["clip_high"] += float((high & live).sum())
+            stats["tokens"] += float(live.sum())
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def step_metrics(rows, rewards, lengths, truncated, stats, cfg, ddp):
+    """The step's metrics, summed over processes, as the JSONL line's fields (without step, lr and
+    the timings)."""
+    G = cfg.group_size
+    s = dict(n=len(rows), reward=rewards.sum(), reward_sq=(rewards ** 2).sum(),
+             zero_std_groups=(rewards.view(-1, G).std(1) < 1e-8).sum(), groups=len(rows) // G,
+             completion_len=lengths.sum(), truncated=truncated.sum(),
+             bk=sum(r["n_bk"] for r in rows), backtracked=sum(r["n_bk"] > 0 for r in rows),
+             over_budget=sum(r["over_budget"] for r in rows), acc=sum(r["outcome"] == 1.0 for r in rows),
+             fixed=sum(r["fixed"] for r in rows), failed=sum(r["failed"] for r in rows),
+             unnecessary=sum(r["unnecessary"] for r in rows), process_rule=sum(r["process_rule"] for r in rows),
+             **stats)
+    for k in COMPONENTS:
+        s[k] = sum(r[k] for r in rows)
+        s[k + "_sq"] = sum(r[k] ** 2 for r in rows)
+    s = reduce_dict(s, ddp)
+    n, ntok = s["n"], max(s["tokens"], 1.0)
+    std = lambda k: math.sqrt(max(s[k + "_sq"] / n - (s[k] / n) ** 2, 0.0))
+    m = dict(loss=s["loss"] / cfg.num_iterations,
+             reward_mean=s["reward"] / n, reward_std=std("reward"), zero_std_groups=s["zero_std_groups"] / s["groups"],
+             completion_len=s["completion_len"] / n, truncated=s["truncated"] / n, bk_per_sample=s["bk"] / n,
+             share_backtracked=s["backtracked"] / n, over_budget=s["over_budget"] / n,
+             bk_fixed=s["fixed"] / n, bk_failed=s["failed"] / n, bk_unnecessary=s["unnecessary"] / n,
+             process_rule=s["process_rule"] / n,   # the step checks' share, also under a PRM
+             acc=s["acc"] / n, clip_low=s["clip_low"] / ntok, clip_high=s["clip_high"] / ntok,
+             clip_region=(s["clip_low"] + s["clip_high"]) / ntok, kl=s["kl"] / ntok)
+    for k in COMPONENTS:
+        m[f"reward/{k}_mean"] = s[k] / n
+        m[f"reward/{k}_std"] = std(k)
+    return m
+
+
 def main(argv=None):
     cfg, ddp, rank, world, device = start_run(Config(), argv, check_args)
     master = rank == 0
@@ -287,7 +401,7 @@ def main(argv=None):
     sft_path = init_meta.get("sft_checkpoint", cfg.init_from) if resuming else cfg.init_from
     task_name, task_kwargs, task = checkpoint_task(init_meta, cfg.task,
                                                    parse_kwargs(cfg.task_kwargs) if cfg.task_kwargs else None)
-    rule = decoding_rule(cfg, init_meta)
+    rule = Rule.from_flags(cfg, init_meta)
     raw = model
     model = wrap(model, cfg, ddp)
     optimizer = make_optimizer(raw, cfg)
@@ -296,25 +410,23 @@ def main(argv=None):
     if cfg.beta > 0 and lora_modules(raw):   # the initial model is the frozen base with the trainable tensors' first values
         ref = Reference(raw, sft_path, tok.bk_id)
     elif cfg.beta > 0:  # the frozen initial model, for the KL term
-        ref = GPT.from_pretrained(sft_path, device=device)
-        for p in ref.parameters():
-            p.requires_grad_(False)
+        ref = GPT.from_pretrained(sft_path, device=device).requires_grad_(False)
     prm = load_prm(cfg.prm, tok, device) if cfg.prm else None
     rc = RewardConfig(cfg.clean_bonus, cfg.correction_bonus, cfg.unnecessary_penalty, cfg.failed_penalty, cfg.cap_penalty)
     weight_schedule = WeightSchedule.from_string(cfg.reward_weights)
     pool = task.problems("train", n=cfg.n_train, seed=cfg.seed)
     held_out = task.problems("test", n=cfg.eval_n, seed=cfg.seed + 1)
-    meta = dict(task=task_name, task_kwargs=task_kwargs, **rule, max_new_tokens=cfg.max_new_tokens,
+    meta = dict(task=task_name, task_kwargs=task_kwargs, **asdict(rule), max_new_tokens=cfg.max_new_tokens,
                 stage="grpo", sft_checkpoint=sft_path)
-    G, P_local = cfg.group_size, cfg.prompts_per_step // world
+    P_local = cfg.prompts_per_step // world
     L = cfg.dr_grpo_tokens or cfg.max_new_tokens
     if master:
         print(f"model: {raw.num_params() / 1e6:.2f}M parameters | from {sft_path} | task={task_name} {rule} | "
-              f"{cfg.prompts_per_step} prompts x {G} completions per step | loss={cfg.loss_type} | world {world}")
+              f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step | loss={cfg.loss_type} | "
+              f"world {world}")
 
     run_eval = lambda step: eval_and_log(step, raw, tok, task, held_out, rule, cfg, log, cfg.max_new_tokens,
                                          cfg.max_backtracks)
-
     if master and cfg.eval_at_start and start == 0 and cfg.eval_interval > 0:
         run_eval(0)
     save = lambda step: save_checkpoint(model, optimizer, step, cfg, meta, log)
@@ -331,118 +443,29 @@ def main(argv=None):
         budget = budget_at(cfg.budget, progress, cfg.budget_max, cfg.budget_min, cfg.budget_decay)
 
         # 1. rollouts: this rank's share of the step's prompts, G completions each, one generate call
-        rng = random.Random(cfg.seed * 1_000_003 + step)
+        rng = random.Random(step_seed(cfg.seed, step))
         probs = [pool[rng.randrange(len(pool))] for _ in range(cfg.prompts_per_step)]
         mine = probs[rank * P_local:(rank + 1) * P_local]
         tg = time.time()
-        rows = rollout(model, tok, task, mine, cfg, rule, (cfg.seed * 1_000_003 + step) * 1024 + rank,
+        rows = rollout(model, tok, task, mine, cfg, rule, step_seed(cfg.seed, step) * 1024 + rank,
                        budget, weights, rc, prm)
         gen_time += time.time() - tg
         gen_tokens += sum(len(r["response"]) for r in rows)
-
-        # 2. advantages, group-relative (a group never spans processes; the batch std may)
-        rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
-        batch_std = None
-        if cfg.scale_rewards == "batch":
-            s = all_reduce_sum(torch.tensor([rewards.sum(), (rewards ** 2).sum(), float(len(rows))],
-                                            dtype=torch.float64), ddp)
-            n = float(s[2])
-            batch_std = math.sqrt(max(float(s[1]) - float(s[0]) ** 2 / n, 0.0) / max(n - 1, 1.0))
-        adv = group_advantages(rewards, G, cfg.scale_rewards, batch_std).float()
-        truncated = torch.tensor([not r["ended"] for r in rows])
-        lengths = torch.tensor([len(r["response"]) for r in rows])
-        counted = lengths.masked_fill(truncated, 0) if cfg.mask_truncated else lengths
-        n_glob = all_reduce_sum(torch.tensor([float((counted > 0).sum()), float(counted.sum()), float(len(rows))],
-                                             dtype=torch.float64), ddp)
-        n_seq = int(n_glob[2]) if cfg.loss_type == "dr_grpo" else int(n_glob[0])
-        w_seq = sequence_weights(counted, cfg.loss_type, n_seq, int(n_glob[1]), L)
-
-        # 3. policy gradient: num_iterations passes over the batch, each one optimizer step
+        # 2. advantages, group-relative
+        rewards, adv, w_seq, truncated, lengths = advantages(rows, cfg, ddp, L)
+        # 3. policy gradient on the recomputed log-probs
         batches = recompute_batches(rows, tok, rule, cfg, device)
-        old = [None] * len(batches)   # log-probs of the first pass (== the rollout's), the ratio's pi_old
-        ref_lp = [None] * len(batches)
-        stats = dict(loss=0.0, kl=0.0, clip_low=0.0, clip_high=0.0, tokens=0.0)
-        for it in range(cfg.num_iterations):
-            for k, (s0, batch) in enumerate(batches):
-                sync = not ddp or k == len(batches) - 1
-                ctx = grad_sync(model, ddp, sync)
-                with ctx:
-                    if it == 0 and ref is not None:   # before the policy's forward: the LoRA reference swaps weights in place
-                        with torch.no_grad(), (ref if isinstance(ref, Reference) else contextlib.nullcontext()):
-                            ref_lp[k] = rollout_logprobs(raw if isinstance(ref, Reference) else ref, batch, cfg)
-                    lp = rollout_logprobs(model, batch, cfg)
-                    row = batch["act_row"] + s0
-                    if it == 0:
-                        rec = torch.tensor([x for r in rows[s0:s0 + cfg.micro_batch] for x in r["logprobs"]],
-                                           device=lp.device)
-                        assert rec.shape == lp.shape, "layout actions do not match the sampled actions"
-                        err = (lp.detach() - rec).abs().max().item() if rec.numel() else 0.0
-                        # invariant 4: the recompute scores what the sampler drew from. The two paths run
-                        # different fp32 kernels (cached decoding with packed weights; one full forward):
-                        # on the default run the gap averages 1e-7 a token and reached 1.5e-4 at one token
-                        # in 22 steps, while a real disagreement (a wrong mask, temperature or ban) moves
-                        # log-probs by 1e-2 and more
-                        if not err <= 1e-3:
-                            raise RuntimeError(f"recomputed log-probs differ from the rollout's by {err:.2e} "
-                                               f"(step {step}): training and sampling distributions disagree")
-                        old[k] = lp.detach()
-                    a, w = adv.to(lp.device)[row], w_seq.to(lp.device)[row]
-                    tok_loss, low, high = clipped_objective(lp, old[k], a, cfg.epsilon_low, cfg.epsilon_high)
-                    if ref is not None:
-                        kl = kl_k3(lp, ref_lp[k])
-                        tok_loss = tok_loss + cfg.beta * kl
-                        stats["kl"] += float((kl.detach() * (w > 0)).sum())
-                    # DDP averages gradients over processes; the weights already hold the global
-                    # normaliser, so scale by world to get the sum over the global batch
-                    loss = (tok_loss * w).sum() * world
-                    loss.backward()
-                stats["loss"] += loss.item() / world
-                live = w > 0
-                stats["clip_low"] += float((low & live).sum())
-                stats["clip_high"] += float((high & live).sum())
-                stats["tokens"] += float(live.sum())
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        stats = policy_update(model, raw, ref, optimizer, batches, rows, adv, w_seq, cfg, ddp, world, step)
         # 4. metrics, summed over processes
         done = step + 1
-        s = dict(n=len(rows), reward=rewards.sum(), reward_sq=(rewards ** 2).sum(),
-                 zero_std_groups=(rewards.view(-1, G).std(1) < 1e-8).sum(), groups=len(rows) // G,
-                 completion_len=lengths.sum(), truncated=truncated.sum(),
-                 bk=sum(r["n_bk"] for r in rows), backtracked=sum(r["n_bk"] > 0 for r in rows),
-                 over_budget=sum(r["over_budget"] for r in rows), acc=sum(r["outcome"] == 1.0 for r in rows),
-                 fixed=sum(r["fixed"] for r in rows), failed=sum(r["failed"] for r in rows),
-                 unnecessary=sum(r["unnecessary"] for r in rows), process_rule=sum(r["process_rule"] for r in rows),
-                 **stats)
-        for k in COMPONENTS:
-            s[k] = sum(r[k] for r in rows)
-            s[k + "_sq"] = sum(r[k] ** 2 for r in rows)
-        s = reduce_dict(s, ddp)
-        n = s["n"]
-        std = lambda k: math.sqrt(max(s[k + "_sq"] / n - (s[k] / n) ** 2, 0.0))
-        if not math.isfinite(s["loss"]):
-            raise SystemExit(f"error: loss is {s['loss']} at step {step}; stopping. The last good checkpoint in "
-                             f"{cfg.out_dir} is untouched.")
+        m = step_metrics(rows, rewards, lengths, truncated, stats, cfg, ddp)
+        stop_if_not_finite(m["loss"], step, cfg)
         if master and (step % cfg.log_interval == 0 or done == cfg.max_iters):
-            ntok = max(s["tokens"], 1.0)
-            m = dict(step=step, loss=s["loss"] / cfg.num_iterations, lr=lr, budget=budget, weights=weights,
-                     reward_mean=s["reward"] / n, reward_std=std("reward"), zero_std_groups=s["zero_std_groups"] / s["groups"],
-                     completion_len=s["completion_len"] / n, truncated=s["truncated"] / n, bk_per_sample=s["bk"] / n,
-                     share_backtracked=s["backtracked"] / n, over_budget=s["over_budget"] / n,
-                     bk_fixed=s["fixed"] / n, bk_failed=s["failed"] / n, bk_unnecessary=s["unnecessary"] / n,
-                     process_rule=s["process_rule"] / n,   # the step checks' share, also under a PRM
-                     acc=s["acc"] / n, clip_low=s["clip_low"] / ntok, clip_high=s["clip_high"] / ntok,
-                     clip_region=(s["clip_low"] + s["clip_high"]) / ntok, kl=s["kl"] / ntok,
-                     rollout_tokens_per_s=gen_tokens * world / max(gen_time, 1e-9), rollout_s=gen_time,
-                     elapsed_s=time.time() - t0)
-            for k in COMPONENTS:
-                m[f"reward/{k}_mean"] = s[k] / n
-                m[f"reward/{k}_std"] = std(k)
-            log(**m)
+            log(step=step, lr=lr, budget=budget, weights=weights, **m,
+                rollout_tokens_per_s=gen_tokens * world / max(gen_time, 1e-9), rollout_s=gen_time,
+                elapsed_s=time.time() - t0)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['acc']:.3f}", bk=f"{m['bk_per_sample']:.2f}",
-                            tok_s=f"{m['rollout_tokens_per_s']:.0f}")
+                            tok_s=f"{gen_tokens * world / max(gen_time, 1e-9):.0f}")
         if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
             break
     if master:

@@ -16,20 +16,25 @@ loss unless --mask_errors=False.
 `--max_tokens=N` sets max_iters so that the run trains on about N tokens (backtrack traces are
 longer than clean ones: equal-token comparisons such as ablate.py's use it).
 """
+import os
 import random
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (all_reduce_sum, build_model, cli, end_step, grad_sync, eval_and_log, finish, choose_trainable,
-                    lr_at, make_optimizer, parse_kwargs, progress_bar, restore, save_checkpoint, start_run, wrap)
-from data import Curriculum, Prefetch, build_traces, collate, layout, pack, read_traces
+from augment import AUGMENTS, build_traces
+from checkpoint import build_model, restore, save_checkpoint
+from common import all_reduce_sum, cli, parse_kwargs, require, step_seed
+from data import Prefetch, Rule, collate, layout, pack, read_traces
+from heldout import eval_and_log
 from model import add_verifier, sft_loss, sft_verifier_loss
 from plot import write_run_curves
-from tasks import get_task
+from schedules import Curriculum, lr_at
+from tasks import get_task, task_class
 from tokenizer import get_tokenizer
+from training import (check_fsdp, choose_trainable, end_step, finish, grad_sync, make_optimizer, progress_bar,
+                      start_run, stop_if_not_finite, wrap)
 
 
 @dataclass
@@ -46,7 +51,7 @@ class Config:
     max_retries: int = -1            # per-slot retry limit: BK is banned on a slot backtracked this often; -1 = none
     mask_errors: bool = True         # no loss on predicting an error token
     backtrack_ratio: float = 0.5     # share of traces that contain errors and backtracks
-    augment: str = "plausible"       # plausible | random | lcs | mixed | retry | retry_weak | search | dfs (data.build_traces)
+    augment: str = "plausible"       # plausible | random | lcs | mixed | retry | retry_weak | search | dfs (augment.build_traces)
     retry_rate: float = 0.5          # retry augmentations: chance of an undone false start before each line
     curriculum: str = "0:1,0.3:2,0.6:3"  # progress:max_backtracks phases
     n_train: int = 50000             # size of the training problem pool
@@ -103,7 +108,7 @@ class Config:
 
 def global_batch(step, cfg, tok, task, pool, extra, max_bk, size):
     """The traces of one global batch: a pure function of (seed, step)."""
-    rng = random.Random(cfg.seed * 1_000_003 + step)
+    rng = random.Random(step_seed(cfg.seed, step))
     n_extra = int(round(size * cfg.traces_ratio)) if extra else 0
     probs = [pool[rng.randrange(len(pool))] for _ in range(size - n_extra)]
     traces = build_traces(tok, task, probs, rng, backtrack_ratio=cfg.backtrack_ratio, max_backtracks=max_bk,
@@ -119,7 +124,7 @@ def micro_batches(traces, cfg, tok, rank, world, max_bk, device):
     per_micro = per_rank // cfg.grad_accum
     out = []
     for a in range(cfg.grad_accum):
-        lays = [layout(t, tok.bk_id, **sft_rule(cfg), mask_errors=cfg.mask_errors)
+        lays = [layout(t, tok.bk_id, sft_rule(cfg), mask_errors=cfg.mask_errors)
                 for t in mine[a * per_micro:(a + 1) * per_micro]]
         for L in lays:
             for t, w, b in zip(L["tgt"], L["weight"], L["bans"]):
@@ -144,9 +149,9 @@ def step_data(step, cfg, tok, task, pool, extra, curriculum, rank, world, device
 
 
 def sft_rule(cfg):
-    """The decoding rule (data.as_rule) this run trains under; the checkpoint records it, so later
-    stages, evaluation and generation decode under the same bans."""
-    return dict(policy=cfg.policy, slot_bans=cfg.slot_bans, max_retries=None if cfg.max_retries < 0 else cfg.max_retries)
+    """The decoding rule this run trains under; the checkpoint records it, so later stages,
+    evaluation and generation decode under the same bans."""
+    return Rule(cfg.policy, cfg.slot_bans, None if cfg.max_retries < 0 else cfg.max_retries)
 
 
 def tokens_per_step(cfg, tok, task, pool, extra=None):
@@ -157,15 +162,52 @@ def tokens_per_step(cfg, tok, task, pool, extra=None):
     for step, progress in enumerate((0.1, 0.5, 0.9)):
         traces = global_batch(step, cfg, tok, task, pool, extra, cur.max_backtracks(progress),
                               cfg.batch_size * cfg.grad_accum)
-        n.append(sum(b["n_tokens"] for b in micro_batches(traces, cfg, tok, 0, 1, 0, "cpu")))
+        n.append(sum(b.n_tokens for b in micro_batches(traces, cfg, tok, 0, 1, 0, "cpu")))
     return sum(n) / len(n)
 
 # -----------------------------------------------------------------------------
 
 
 def check_args(cfg, world):
-    if cfg.verifier_weight < 0:
-        raise SystemExit(f"error: --verifier_weight={cfg.verifier_weight}: a loss weight is >= 0 (0 = no verifier head)")
+    """SFT's own argument rules (training.check_train_config has the shared ones)."""
+    require(cfg, "batch_size grad_accum n_train n_layer n_head n_embd block_size", lambda v: v >= 1, "must be at least 1")
+    require(cfg, "max_tokens evals max_new_tokens", lambda v: v >= 0, "must be >= 0")
+    require(cfg, "backtrack_ratio traces_ratio dropout retry_rate", lambda v: 0 <= v <= 1, "must be between 0 and 1")
+    require(cfg, "augment", lambda v: v in AUGMENTS + ("mixed",), f"expected one of {', '.join(AUGMENTS)} or mixed")
+    if cfg.augment == "dfs" and not hasattr(task_class(cfg.task), "search_trace"):
+        raise SystemExit(f"error: --augment=dfs: task {cfg.task!r} has no depth-first solver; sudoku has one")
+    require(cfg, "policy", lambda v: v in ("keep", "rewind"), "expected keep or rewind")
+    require(cfg, "max_retries", lambda v: v >= -1, "expected a number of retries, or -1 (none)")
+    require(cfg, "dtype", lambda v: v in ("float32", "bfloat16"), "expected float32 or bfloat16")
+    require(cfg, "verifier_weight", lambda v: v >= 0, "a loss weight is >= 0 (0 = no verifier head)")
+    if bool(cfg.traces_file) != (cfg.traces_ratio > 0):
+        raise SystemExit("error: --traces_file and --traces_ratio go together: a traces file needs "
+                         "--traces_ratio > 0 (the share of each batch drawn from it), and the ratio needs the file")
+    if cfg.traces_file and not os.path.isfile(cfg.traces_file):
+        raise SystemExit(f"error: --traces_file={cfg.traces_file}: no such file")
+    check_fsdp(cfg)
+
+
+def sft_step(model, micros, cfg, ddp, world, device, autocast):
+    """Forward and backward over one step's micro-batches; returns the step's LM loss and verifier
+    loss (None without a head), summed over processes. One normaliser for the whole global batch:
+    accumulation and DDP then equal one big batch."""
+    wsum = all_reduce_sum(sum(b.weight.sum() for b in micros).detach().clone(), ddp)
+    vsum = None   # the verifier's normaliser: its scored actions in the global batch
+    if cfg.verifier_weight > 0:
+        vsum = all_reduce_sum(sum((b.wrong >= 0).sum().float() for b in micros).clone(), ddp).clamp(min=1.0)
+    loss_sum, vloss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    for a, batch in enumerate(micros):
+        with grad_sync(model, ddp, a == len(micros) - 1), autocast:
+            if cfg.verifier_weight > 0:   # one forward feeds both heads
+                lm, vloss = sft_verifier_loss(model, batch, wsum / world, vsum / world)
+                vloss_sum += vloss.detach() / world
+                loss = lm + cfg.verifier_weight * vloss
+            else:
+                lm = loss = sft_loss(model, batch, normalizer=wsum / world)
+        loss.backward()
+        loss_sum += lm.detach() / world   # the logged loss is the LM's alone, comparable with a run without the head
+    return all_reduce_sum(loss_sum, ddp), all_reduce_sum(vloss_sum, ddp) if cfg.verifier_weight > 0 else None
 
 
 def main(argv=None):
@@ -188,9 +230,9 @@ def main(argv=None):
     if cfg.verifier_weight > 0:   # a checkpoint that has one (a resumed run) keeps its own
         add_verifier(model)
     model.to(device)
-    choose_trainable(model, cfg, tok.bk_id)   # all, the BK rows (--embedding_only), or LoRA adapters (--lora_rank)
+    choose_trainable(model, cfg, tok.bk_id, cfg.verifier_weight > 0)   # all, the BK rows (--embedding_only), or LoRA adapters (--lora_rank)
     raw = model
-    model = wrap(model, cfg, ddp)   # before the optimizer: FSDP replaces the parameters with shards
+    model = wrap(model, cfg, ddp, cfg.fsdp)   # before the optimizer: FSDP replaces the parameters with shards
     optimizer = make_optimizer(raw, cfg)
     start, log = restore(raw, optimizer, cfg, cfg.init_from == "resume", master)
     global_size = cfg.batch_size * cfg.grad_accum * world
@@ -201,7 +243,7 @@ def main(argv=None):
     if master and (cfg.max_tokens > 0 or cfg.evals > 0):
         print(f"max_iters={cfg.max_iters} eval_interval={cfg.eval_interval}")
     curriculum = Curriculum.from_string(cfg.curriculum)
-    meta = dict(task=cfg.task, task_kwargs=task_kwargs, **sft_rule(cfg), max_new_tokens=cfg.max_new_tokens, stage="sft")
+    meta = dict(task=cfg.task, task_kwargs=task_kwargs, **asdict(sft_rule(cfg)), max_new_tokens=cfg.max_new_tokens, stage="sft")
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     if master:
         print(f"model: {raw.num_params() / 1e6:.2f}M parameters | global batch {global_size} traces | "
@@ -221,33 +263,10 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr
         max_bk, micros = next(data)   # built ahead of time by a background thread (data.Prefetch)
-        # one normaliser for the whole global batch: accumulation and DDP then equal one big batch
-        wsum = all_reduce_sum(sum(b["weight"].sum() for b in micros).detach().clone(), ddp)
-        vsum = None   # the verifier's normaliser: its scored actions in the global batch
-        if cfg.verifier_weight > 0:
-            vsum = all_reduce_sum(sum((b["wrong"] >= 0).sum().float() for b in micros).clone(), ddp).clamp(min=1.0)
-        loss_sum, vloss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-        for a, batch in enumerate(micros):
-            sync = not ddp or a == len(micros) - 1
-            ctx = grad_sync(model, ddp, sync)
-            with ctx, autocast:
-                if cfg.verifier_weight > 0:   # one forward feeds both heads
-                    lm, vloss = sft_verifier_loss(model, batch, wsum / world, vsum / world)
-                    vloss_sum += vloss.detach() / world
-                    loss = lm + cfg.verifier_weight * vloss
-                else:
-                    lm = loss = sft_loss(model, batch, normalizer=wsum / world)
-            loss.backward()
-            loss_sum += lm.detach() / world   # the logged loss is the LM's alone, comparable with a run without the head
-        step_tokens = sum(b["n_tokens"] for b in micros)   # this rank's
+        loss_sum, vloss_sum = sft_step(model, micros, cfg, ddp, world, device, autocast)
+        step_tokens = sum(b.n_tokens for b in micros)   # this rank's
         tokens += step_tokens
-        loss_sum = all_reduce_sum(loss_sum, ddp)
-        vloss_sum = all_reduce_sum(vloss_sum, ddp) if cfg.verifier_weight > 0 else None
-        if not torch.isfinite(loss_sum):
-            msg = f"error: loss is {loss_sum.item()} at step {step}; stopping. The last good checkpoint in {cfg.out_dir} is untouched."
-            if master:
-                print(msg, file=sys.stderr)
-            raise SystemExit(msg)
+        stop_if_not_finite(loss_sum, step, cfg)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -259,7 +278,7 @@ def main(argv=None):
             log(step=step, loss=loss_sum.item(), lr=lr, max_backtracks=max_bk, tokens_per_s=tokens * world / max(dt, 1e-9),
                 elapsed_s=dt, tokens=step_tokens * world, **vlog)   # tokens: fed in this step (all ranks)
             bar.set_postfix(loss=f"{loss_sum.item():.4f}", tok_s=f"{tokens * world / max(dt, 1e-9):.0f}")
-        if end_step(done, cfg, master, ddp, lambda: save(done), run_eval):
+        if end_step(done, cfg, master, ddp, lambda: save(done), run_eval, cfg.fsdp):
             break
     data.close()
     if master:

@@ -40,7 +40,8 @@ import tempfile
 
 import torch
 
-from data import Trace, build_traces, layout
+from augment import build_traces
+from data import Rule, Trace, layout
 from model import GPT, GPTConfig
 from tasks import get_task, prompt_ids
 from tokenizer import get_tokenizer
@@ -204,31 +205,7 @@ def trl_child(d, stage, steps):
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                  processing_class=tokenizer, callbacks=[Clock()])
     elif stage == "grpo":
-        from reward import RewardConfig, WeightSchedule, score, total
-        problems = [json.loads(line) for line in open(os.path.join(d, "problems.jsonl"))]
-        weights, rc = WeightSchedule.from_string("constant").at(0.0), RewardConfig()
-
-        def reward(prompts, completions, completion_ids, problem, **kw):   # reward.py, as train_grpo.py scores
-            return [total(score(task, tok, json.loads(p), list(c), 8.0, rc), weights)
-                    for p, c in zip(problem, completion_ids)]
-
-        data = Dataset.from_list([dict(prompt=tok.decode(prompt_ids(tok, task, p)), problem=json.dumps(p))
-                                  for p in problems])
-        n = GRPO["prompts"] * GRPO["group"]
-        args = trl.GRPOConfig(per_device_train_batch_size=n, num_generations=GRPO["group"], generation_batch_size=n,
-                              max_completion_length=GRPO["new_tokens"], temperature=1.0, top_k=0, top_p=1.0,
-                              beta=0.0, loss_type="dapo", scale_rewards="group", num_iterations=1,
-                              learning_rate=GRPO["lr"], weight_decay=0.0, disable_dropout=True, **same)
-
-        class Timed(trl.GRPOTrainer):
-            def _generate_and_score_completions(self, inputs):
-                t0 = time.perf_counter()
-                out = super()._generate_and_score_completions(inputs)
-                gen.append((time.perf_counter() - t0, int(out["completion_mask"].sum())))
-                return out
-
-        trainer = Timed(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer,
-                        callbacks=[Clock()])
+        trainer = trl_grpo_trainer(d, model, tokenizer, same, tok, task, gen, [Clock()])
     else:
         rows = []
         for line in open(os.path.join(d, "pairs.jsonl")):
@@ -261,6 +238,40 @@ def trl_child(d, stage, steps):
     print(json.dumps(r))
 
 
+def trl_grpo_trainer(d, model, tokenizer, same, tok, task, gen, callbacks):
+    """TRL's GRPO trainer on the problems in d, scored by reward.py as train_grpo.py scores; its
+    generate-and-score phase timed into gen as (seconds, completion tokens)."""
+    import time
+    import trl
+    from datasets import Dataset
+    from reward import RewardConfig, score, total
+    from schedules import WeightSchedule
+    problems = [json.loads(line) for line in open(os.path.join(d, "problems.jsonl"))]
+    weights, rc = WeightSchedule.from_string("constant").at(0.0), RewardConfig()
+
+    def reward(prompts, completions, completion_ids, problem, **kw):   # reward.py, as train_grpo.py scores
+        return [total(score(task, tok, json.loads(p), list(c), 8.0, rc), weights)
+                for p, c in zip(problem, completion_ids)]
+
+    data = Dataset.from_list([dict(prompt=tok.decode(prompt_ids(tok, task, p)), problem=json.dumps(p))
+                              for p in problems])
+    n = GRPO["prompts"] * GRPO["group"]
+    args = trl.GRPOConfig(per_device_train_batch_size=n, num_generations=GRPO["group"], generation_batch_size=n,
+                          max_completion_length=GRPO["new_tokens"], temperature=1.0, top_k=0, top_p=1.0,
+                          beta=0.0, loss_type="dapo", scale_rewards="group", num_iterations=1,
+                          learning_rate=GRPO["lr"], weight_decay=0.0, disable_dropout=True, **same)
+
+    class Timed(trl.GRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            t0 = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            gen.append((time.perf_counter() - t0, int(out["completion_mask"].sum())))
+            return out
+
+    return Timed(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer,
+                 callbacks=callbacks)
+
+
 def bare_models(d, trainer, traces, rows, tok, reps=3):
     """The two models' forward + backward alone on one batch of SFT traces (TRL's collator's batch for
     the Hugging Face model, our collate for ours; rows are the traces as TRL's examples), best of
@@ -271,7 +282,7 @@ def bare_models(d, trainer, traces, rows, tok, reps=3):
     n = SFT["batch"]
     hf_batch = trainer.data_collator(rows[:n])
     ours = GPT.from_pretrained(os.path.join(d, "ours")).train()
-    batch = collate([layout(Trace(t["prompt"], t["response"]), tok.bk_id, "keep", mask_errors=True) for t in traces[:n]])
+    batch = collate([layout(Trace(t["prompt"], t["response"]), tok.bk_id, Rule("keep"), mask_errors=True) for t in traces[:n]])
     hf_model = trainer.model
 
     def timed(fn):
@@ -295,7 +306,7 @@ def trl_labels(t, bk_id):
     response token where our `keep` layout trains on predicting it (with mask_errors an error token
     carries no loss), else -100 (TRL shifts labels by one inside its loss, as our layout's actions
     read each token off the node before it)."""
-    L = layout(Trace(t["prompt"], t["response"]), bk_id, "keep", mask_errors=True)
+    L = layout(Trace(t["prompt"], t["response"]), bk_id, Rule("keep"), mask_errors=True)
     labels = [-100] * len(t["prompt"]) + [y if w > 0 else -100 for y, w in zip(L["tgt"], L["weight"])]
     return dict(input_ids=t["prompt"] + t["response"], labels=labels)
 

@@ -31,7 +31,7 @@ def test_self_and_dpo_stages(tmp_path, monkeypatch):
     """The +self and +dpo stages run on the base model's own-error files (hand-built here: an
     untrained model makes no usable errors) and land in the table."""
     import random
-    from data import build_traces
+    from augment import build_traces
     from tasks import get_task
     from tokenizer import Tokenizer
     tok, task = Tokenizer("byte"), get_task("arith")
@@ -89,7 +89,7 @@ def test_verifier_head_rows(tmp_path, monkeypatch):
     with the base's head as PRM (+grpo_prm) and with the +located model's (+located_prm), and the
     location table (the located traces are hand-built: an untrained model makes no usable errors)."""
     import random
-    from data import build_traces
+    from augment import build_traces
     from tasks import get_task
     from tokenizer import Tokenizer
     tok, task = Tokenizer("byte"), get_task("arith")

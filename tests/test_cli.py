@@ -178,14 +178,16 @@ def test_evaluate_without_slot_bans_samples_only(ckpt, tmp_path):
     assert_one_line_error(run("evaluate.py", f"--ckpt={ckpt}", "--n=4", "--slot_bans=off", "--temperature=0",
                               f"--out={out}"), "--temperature=0")
     # the training stages' periodic evaluation does the same (train_grpo.py --slot_bans=off)
-    from common import held_out_eval, load_model
+    from checkpoint import load_model
+    from data import Rule
+    from heldout import held_out_eval
     from tasks import get_task
     model, tok = load_model(ckpt)
     task = get_task("arith")
-    rule = dict(policy="rewind", slot_bans=False, max_retries=None)
+    rule = Rule("rewind", slot_bans=False)
     res = held_out_eval(model, tok, task, task.problems("test", n=2), rule, 1.0, 8, seed=0)
     assert "eval/t1/acc" in res and not any(k.startswith("eval/greedy") for k in res)
-    assert "eval/greedy/acc" in held_out_eval(model, tok, task, task.problems("test", n=2), dict(rule, max_retries=1),
+    assert "eval/greedy/acc" in held_out_eval(model, tok, task, task.problems("test", n=2), Rule("rewind", False, 1),
                                               1.0, 8, seed=0)
 
 

@@ -8,11 +8,14 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import augment as aug
 import data
-import gsm8k
 import tasks
+import schedules
 import tokenizer
-from data import BK, ERROR, FINAL, resolve, roles
+from data import BK, ERROR, FINAL, Rule, resolve, roles
+from tasks import answers, gsm8k
+from common import read_jsonl
 from conftest import ROOT
 
 GSM8K_DIR = os.path.join(ROOT, "assets", "gsm8k")
@@ -83,7 +86,7 @@ def test_inject_random_resolves(clean, n_errors, with_eot, cap, seed):
     clean = clean + [eot] if with_eot else clean
     rng = random.Random(seed)
     for kw in (dict(vocab=range(0, BKID)), dict(), dict(error_len=(1, 4), vocab=[0, 1])):
-        out = data.inject_random(clean, BKID, rng, n_errors, eot_id=eot, max_backtracks=cap, **kw)
+        out = aug.inject_random(clean, BKID, rng, n_errors, eot_id=eot, max_backtracks=cap, **kw)
         assert resolve(out, BKID) == clean
         n_bk = out.count(BKID)
         assert cap is None or n_bk <= cap
@@ -96,7 +99,7 @@ def test_inject_random_resolves(clean, n_errors, with_eot, cap, seed):
 def test_inject_random_spans_and_errors():
     rng = random.Random(0)
     clean = list(range(20))
-    out = data.inject_random(clean, 99, rng, 3, error_len=2, vocab=[50], eot_id=None)
+    out = aug.inject_random(clean, 99, rng, 3, error_len=2, vocab=[50], eot_id=None)
     assert out.count(99) == 6 and out.count(50) == 6 and resolve(out, 99) == clean
     # a sampler decides the error tokens; it may refuse a position (None)
     seen = []
@@ -105,7 +108,7 @@ def test_inject_random_spans_and_errors():
         seen.append(i)
         return [77, 78] if i % 2 == 0 else None
 
-    out = data.inject_random(clean + [100], 99, rng, 2, sampler=sampler, eot_id=100)
+    out = aug.inject_random(clean + [100], 99, rng, 2, sampler=sampler, eot_id=100)
     assert resolve(out, 99) == clean + [100] and out.count(99) == 4 and out[-1] == 100
     assert 20 not in seen  # never at the end-of-text position
 
@@ -113,7 +116,7 @@ def test_inject_random_spans_and_errors():
 @FAST
 @given(plain, plain, st.one_of(st.none(), st.integers(0, 3)), st.one_of(st.none(), st.integers(0, 8)))
 def test_lcs_trace_resolves(wrong, right, max_div, cap):
-    out = data.lcs_trace(wrong, right, BKID, max_divergences=max_div, max_backtracks=cap)
+    out = aug.lcs_trace(wrong, right, BKID, max_divergences=max_div, max_backtracks=cap)
     assert resolve(out, BKID) == right
     assert cap is None or out.count(BKID) <= cap
     r = roles(out, BKID)
@@ -123,18 +126,18 @@ def test_lcs_trace_resolves(wrong, right, max_div, cap):
 def test_lcs_trace_shape():
     # shared prefix, wrong path, as many BKs as wrong tokens, right path
     wrong, right = [1, 2, 3, 7, 8, 5], [1, 2, 3, 4, 5]
-    out = data.lcs_trace(wrong, right, BKID)
+    out = aug.lcs_trace(wrong, right, BKID)
     assert out == [1, 2, 3, 7, 8, BKID, BKID, 4, 5]
-    two = data.lcs_trace([1, 6, 3, 7, 5], [1, 2, 3, 4, 5], BKID)
+    two = aug.lcs_trace([1, 6, 3, 7, 5], [1, 2, 3, 4, 5], BKID)
     assert two == [1, 6, BKID, 2, 3, 7, BKID, 4, 5]
-    assert data.lcs_trace([1, 6, 3, 7, 5], [1, 2, 3, 4, 5], BKID, max_divergences=1) == [1, 6, BKID, 2, 3, 4, 5]
-    assert data.lcs_trace(right, right, BKID) == right
+    assert aug.lcs_trace([1, 6, 3, 7, 5], [1, 2, 3, 4, 5], BKID, max_divergences=1) == [1, 6, BKID, 2, 3, 4, 5]
+    assert aug.lcs_trace(right, right, BKID) == right
 
 
 def _banned_actions(trace, bk, policy, max_backtracks=None):
     """(action index, target) of every action whose target its own bans forbid: log-prob -inf under
     `rewind` for a retyped token (docs/backtrack-semantics.md §4), so train_sft refuses the trace."""
-    L = data.layout(trace, bk, policy, max_backtracks=max_backtracks)
+    L = data.layout(trace, bk, Rule(policy), max_backtracks=max_backtracks)
     return [(i, t) for i, (t, b) in enumerate(zip(L["tgt"], L["bans"])) if t in b]
 
 
@@ -143,7 +146,7 @@ def _banned_actions(trace, bk, policy, max_backtracks=None):
        st.one_of(st.none(), st.integers(0, 3)), st.one_of(st.none(), st.integers(0, 8)))
 def test_lcs_trace_takes_no_banned_action(wrong, right, max_div, cap):
     # a 4-token alphabet makes a deleted token equal to the next right one common
-    out = data.lcs_trace(wrong, right, BKID, max_divergences=max_div, max_backtracks=cap)
+    out = aug.lcs_trace(wrong, right, BKID, max_divergences=max_div, max_backtracks=cap)
     assert resolve(out, BKID) == right
     for policy in ("rewind", "keep"):
         assert _banned_actions(data.Trace([BKID - 1], out), BKID, policy, max_backtracks=cap) == [], (policy, out)
@@ -152,11 +155,11 @@ def test_lcs_trace_takes_no_banned_action(wrong, right, max_div, cap):
 def test_lcs_trace_never_retypes_what_it_deleted():
     # difflib deletes [1, 5] and the right text goes on with 1: the shared 1 leaves the divergence
     # (it was written 1 5 BK BK 1 2: the 1 deleted at the first slot, then typed there again)
-    assert data.lcs_trace([1, 5, 1, 2], [1, 2], BKID) == [1, 5, BKID, 2]
+    assert aug.lcs_trace([1, 5, 1, 2], [1, 2], BKID) == [1, 5, BKID, 2]
     # two shared leading tokens; only the 5 is wrong
-    assert data.lcs_trace([1, 2, 5, 1, 2, 3], [1, 2, 3], BKID) == [1, 2, 5, BKID, 3]
+    assert aug.lcs_trace([1, 2, 5, 1, 2, 3], [1, 2, 3], BKID) == [1, 2, 5, BKID, 3]
     # the whole deleted span is right after all: nothing to undo
-    assert data.lcs_trace([1, 1, 0], [1, 0], BKID) == [1, 0]
+    assert aug.lcs_trace([1, 1, 0], [1, 0], BKID) == [1, 0]
 
 
 @pytest.mark.parametrize("augment", ["lcs", "mixed"])
@@ -165,7 +168,7 @@ def test_lcs_traces_of_real_slips_take_no_banned_action(augment, byte_tok):
     # `train_sft.py --augment=lcs --policy=rewind` stopped before its first step
     task = tasks.get_task("arith")
     problems = task.problems("train", n=2000, seed=0)
-    tr = data.build_traces(byte_tok, task, problems, random.Random(0), backtrack_ratio=1.0, augment=augment)
+    tr = aug.build_traces(byte_tok, task, problems, random.Random(0), backtrack_ratio=1.0, augment=augment)
     _check_traces(byte_tok, task, problems, tr)
     for policy in ("rewind", "keep"):
         bad = [byte_tok.decode(t.response) for t in tr if _banned_actions(t, byte_tok.bk_id, policy)]
@@ -189,7 +192,7 @@ def test_build_traces_resolve_after_tokenization(tokname, augment, byte_tok, gpt
     for name in ("arith", "countdown", "gsm8k"):
         task = tasks.get_task(name)
         problems = task.problems("train", n=12, seed=3)
-        tr = data.build_traces(tok, task, problems, rng, backtrack_ratio=0.75, max_backtracks=6, augment=augment)
+        tr = aug.build_traces(tok, task, problems, rng, backtrack_ratio=0.75, max_backtracks=6, augment=augment)
         _check_traces(tok, task, problems, tr)
         with_bk = [t for t in tr if tok.bk_id in t.response]
         assert len(with_bk) == 9  # exactly the backtrack_ratio share
@@ -200,9 +203,9 @@ def test_build_traces_resolve_after_tokenization(tokname, augment, byte_tok, gpt
 def test_build_traces_caps(byte_tok):
     task = tasks.get_task("arith")
     problems = task.problems("train", n=20)
-    tr = data.build_traces(byte_tok, task, problems, random.Random(0), backtrack_ratio=1.0, max_backtracks=0)
+    tr = aug.build_traces(byte_tok, task, problems, random.Random(0), backtrack_ratio=1.0, max_backtracks=0)
     assert all(byte_tok.bk_id not in t.response for t in tr)
-    tr = data.build_traces(byte_tok, task, problems, random.Random(0), backtrack_ratio=1.0, max_backtracks=1,
+    tr = aug.build_traces(byte_tok, task, problems, random.Random(0), backtrack_ratio=1.0, max_backtracks=1,
                            n_errors=3, augment="mixed")
     assert all(t.response.count(byte_tok.bk_id) == 1 for t in tr)
 
@@ -211,7 +214,7 @@ def test_build_traces_uses_given_wrong_solutions(byte_tok):
     task = tasks.get_task("arith")
     p = dict(task.problems("train", n=1)[0])
     p["wrong"] = p["solution"].replace("=", "=1", 1)
-    tr = data.build_traces(byte_tok, task, [p], random.Random(0), backtrack_ratio=1.0, augment="lcs")
+    tr = aug.build_traces(byte_tok, task, [p], random.Random(0), backtrack_ratio=1.0, augment="lcs")
     assert tr[0].meta["augment"] == "lcs" and tr[0].response.count(byte_tok.bk_id) == 1
     assert byte_tok.decode(tr[0].response).count("=1" + tokenizer.BK_TEXT) == 1
 
@@ -223,10 +226,10 @@ def test_lcs_on_real_model_solutions(gpt2_tok):
     for q, wrong, right in pairs[:150]:
         assert right.split("\n")[-1].startswith("#### ") and "<<" not in right
         w, r = gpt2_tok.encode(wrong) + [gpt2_tok.eot_id], gpt2_tok.encode(right) + [gpt2_tok.eot_id]
-        out = data.lcs_trace(w, r, bk)
+        out = aug.lcs_trace(w, r, bk)
         assert resolve(out, bk) == r
         assert roles(out, bk).count(ERROR) == out.count(bk) > 0
-        capped = data.lcs_trace(w, r, bk, max_backtracks=10)
+        capped = aug.lcs_trace(w, r, bk, max_backtracks=10)
         assert resolve(capped, bk) == r and capped.count(bk) <= 10
 
 # -----------------------------------------------------------------------------
@@ -241,7 +244,7 @@ def test_layout_counts_and_masks(prompt, response, train_prompt):
     extra = len(prompt) - 1 if train_prompt else 0
     for policy in ("keep", "rewind"):
         for mask in (True, False):
-            L = data.layout(t, BKID, policy=policy, mask_errors=mask, train_prompt=train_prompt)
+            L = data.layout(t, BKID, Rule(policy), mask_errors=mask, train_prompt=train_prompt)
             assert len(L["tgt"]) == len(L["weight"]) == len(L["bans"]) == len(L["src"]) == len(response) + extra
             assert L["tgt"][extra:] == response
             w = L["weight"][extra:]
@@ -310,10 +313,10 @@ def test_collate_equals_the_loop():
                              [rng.choice([BKID] + list(range(BKID))) for _ in range(rng.randint(0, 40))])
                   for _ in range(rng.randint(1, 6))]
         policy = rng.choice(["keep", "rewind"])
-        lays = [data.layout(t, BKID, policy, max_backtracks=rng.choice([None, 2])) for t in traces]
+        lays = [data.layout(t, BKID, Rule(policy), max_backtracks=rng.choice([None, 2])) for t in traces]
         if rng.random() < 0.3:
             lays = data.pack(lays, 64)
-        got, want = data.collate(lays), loop_collate(lays)
+        got, want = vars(data.collate(lays)), loop_collate(lays)
         assert got.keys() == want.keys()
         for k, v in want.items():   # mask is None for chains, n_tokens an int
             if torch.is_tensor(v):
@@ -352,7 +355,7 @@ def test_prefetch_yields_in_order_and_raises_at_the_failing_step():
     ("#### 1.2.3", None), (None, None),
 ])
 def test_parse_answer(text, want):
-    assert tasks.parse_answer(text) == want
+    assert answers.parse_answer(text) == want
 
 
 def test_arith_verifier_and_steps():
@@ -381,7 +384,7 @@ def test_arith_splits_disjoint_and_deterministic():
     for p in tr[:200]:
         assert task.verify(p["solution"], p) and all(task.steps(p["solution"], p))
     with pytest.raises(ValueError):
-        data.build_traces(tokenizer.Tokenizer("byte"), task, te[:3], random.Random(0))
+        aug.build_traces(tokenizer.Tokenizer("byte"), task, te[:3], random.Random(0))
     hard = tasks.get_task("arith", digits=2, steps=3, ops="+-*")
     for p in hard.problems("train", n=100):
         assert len(p["ops"]) == 3 and hard.verify(p["solution"], p) and 0 <= int(p["answer"]) <= 99
@@ -454,7 +457,7 @@ def test_gsm8k_train_never_holds_test_questions(tmp_path):
     test_q = {gsm8k.normalize_question(p["question"]) for p in real.problems("test")}
     assert not any(gsm8k.normalize_question(p["question"]) in test_q for p in train)
     # a leaked test question (with different spacing and case) is dropped from the training split
-    rows = [r for _, r in tasks.read_jsonl(os.path.join(GSM8K_DIR, "test.jsonl.gz"))][:3]
+    rows = [r for _, r in read_jsonl(os.path.join(GSM8K_DIR, "test.jsonl.gz"))][:3]
     leak = dict(rows[1], question="  " + rows[1]["question"].upper().replace(" ", "  "))
     _write(str(tmp_path / "test.jsonl"), [json.dumps(r) for r in rows])
     _write(str(tmp_path / "train.jsonl"), [json.dumps(dict(question="What is 2+2?", answer="2+2=4\n#### 4")),
@@ -464,19 +467,19 @@ def test_gsm8k_train_never_holds_test_questions(tmp_path):
     assert [p["answer"] for p in ps] == ["4"] and task.dropped == 1
     # and building training traces from test problems refuses
     with pytest.raises(ValueError, match="test problem"):
-        data.build_traces(tokenizer.Tokenizer("byte"), task, task.problems("test")[:1], random.Random(0))
-    data.build_traces(tokenizer.Tokenizer("byte"), task, ps, random.Random(0))
+        aug.build_traces(tokenizer.Tokenizer("byte"), task, task.problems("test")[:1], random.Random(0))
+    aug.build_traces(tokenizer.Tokenizer("byte"), task, ps, random.Random(0))
 
 # -----------------------------------------------------------------------------
 # curriculum
 
 
 def test_curriculum():
-    c = data.Curriculum.from_string("0:2,0.3:5,0.6:10")
+    c = schedules.Curriculum.from_string("0:2,0.3:5,0.6:10")
     assert [c.max_backtracks(x) for x in (0, 0.29, 0.3, 0.59, 0.6, 1.0)] == [2, 2, 5, 5, 10, 10]
-    assert str(c) == "0:2,0.3:5,0.6:10" and data.Curriculum.from_string(str(c)) == c
-    assert data.Curriculum().max_backtracks(0.5) == 5
-    assert data.Curriculum.from_string("0:0,0.5:none").max_backtracks(0.7) is None
+    assert str(c) == "0:2,0.3:5,0.6:10" and schedules.Curriculum.from_string(str(c)) == c
+    assert schedules.Curriculum().max_backtracks(0.5) == 5
+    assert schedules.Curriculum.from_string("0:0,0.5:none").max_backtracks(0.7) is None
     for bad in ("0.1:2", "0:2,x", "0:-1"):
         with pytest.raises(ValueError):
-            data.Curriculum.from_string(bad)
+            schedules.Curriculum.from_string(bad)

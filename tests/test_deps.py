@@ -9,15 +9,17 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import augment as aug
 import data
 import tasks
 import tokenizer
-from data import resolve
-from reward import RewardConfig, WeightSchedule, is_right, score, total
+from data import Rule, resolve
+from reward import RewardConfig, is_right, score, total
+from schedules import WeightSchedule
+from tasks.deps import Deps
 
 TOKS = {name: tokenizer.get_tokenizer(name) for name in ("byte", "gpt2")}
 FAST = settings(max_examples=60, deadline=None)
-Deps = tasks.Deps
 
 
 @st.composite
@@ -212,18 +214,18 @@ def retries_of(tok, response):
 
 
 def banned_actions(trace, bk, policy, cap):
-    L = data.layout(trace, bk, policy, max_backtracks=cap)
+    L = data.layout(trace, bk, Rule(policy), max_backtracks=cap)
     return [(i, t) for i, (t, b) in enumerate(zip(L["tgt"], L["bans"])) if t in b]
 
 
 @settings(max_examples=40, deadline=None)
-@given(deps_problems(), st.sampled_from(data.RETRY_KINDS), st.sampled_from(sorted(TOKS)),
+@given(deps_problems(), st.sampled_from(aug.RETRY_KINDS), st.sampled_from(sorted(TOKS)),
        st.one_of(st.none(), st.integers(0, 12)), st.integers(0, 2 ** 32))
 def test_retry_traces_resolve_and_take_no_banned_action(tp, kind, tokname, cap, seed):
     task, p = tp
     tok = TOKS[tokname]
     clean = tok.encode(p["solution"]) + [tok.eot_id]
-    out = data.inject_retry(tok, task, p, random.Random(seed), kind, retry_rate=1.0, max_backtracks=cap)
+    out = aug.inject_retry(tok, task, p, random.Random(seed), kind, retry_rate=1.0, max_backtracks=cap)
     if kind == "search":   # a whole path of attempts goes in, or nothing
         starts = [sum(len(tok.encode(a)) for a in task.search_path(p, k)) for k in range(len(p["order"]) + 1)
                   if task.search_path(p, k)]
@@ -267,7 +269,7 @@ def test_build_traces_with_retry(tokname, augment):
     task = tasks.get_task("deps")
     problems = task.problems("train", n=40, seed=2)
     for rate in (0.0, 0.5, 1.0):
-        tr = data.build_traces(tok, task, problems, random.Random(3), backtrack_ratio=0.75, max_backtracks=8,
+        tr = aug.build_traces(tok, task, problems, random.Random(3), backtrack_ratio=0.75, max_backtracks=8,
                                augment=augment, retry_rate=rate)
         assert len(tr) == 40 and sum(tok.bk_id in t.response for t in tr) == 30
         for t, p in zip(tr, problems):
@@ -289,17 +291,17 @@ def test_retry_falls_back_to_plausible_without_options():
     tok = TOKS["byte"]
     arith = tasks.get_task("arith")
     problems = arith.problems("train", n=20)
-    for kind in data.RETRY_KINDS:
-        tr = data.build_traces(tok, arith, problems, random.Random(0), backtrack_ratio=1.0, augment=kind)
+    for kind in aug.RETRY_KINDS:
+        tr = aug.build_traces(tok, arith, problems, random.Random(0), backtrack_ratio=1.0, augment=kind)
         assert {t.meta["augment"] for t in tr} == {"plausible"}
-        assert data.inject_retry(tok, arith, problems[0], random.Random(0), kind) is None
+        assert aug.inject_retry(tok, arith, problems[0], random.Random(0), kind) is None
     # a cap too small for any wrong beginning ('v=' is two byte tokens): plausible instead
     deps = tasks.get_task("deps")
-    tr = data.build_traces(tok, deps, deps.problems("train", n=20), random.Random(0), backtrack_ratio=1.0,
+    tr = aug.build_traces(tok, deps, deps.problems("train", n=20), random.Random(0), backtrack_ratio=1.0,
                            max_backtracks=1, augment="retry")
     assert {t.meta["augment"] for t in tr} == {"plausible"} and all(t.meta["n_bk"] == 1 for t in tr)
     # 'mixed' is unchanged: plausible, random and lcs only
-    assert data.MIXED == ("plausible", "random", "lcs")
+    assert aug.MIXED == ("plausible", "random", "lcs")
 
 # -----------------------------------------------------------------------------
 # rewards

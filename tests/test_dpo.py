@@ -15,7 +15,7 @@ import train_dpo
 from conftest import only_bk_rows_moved
 import model as modellib
 import train_sft
-from data import Trace, collate, layout, read_traces, resolve
+from data import Rule, Trace, collate, layout, read_traces, resolve
 from model import GPT, GPTConfig, action_logprobs
 from tasks import get_task
 from tokenizer import get_tokenizer
@@ -258,15 +258,15 @@ def test_filter_keeps_and_drops_hand_built_cases(policy):
     want_bk = dict(full=(10 - lse) + after - (0 - lse), correction=after - (0 - lse))
     want_8 = dict(full=(0 - lse) + after - (10 - lse), correction=after - (10 - lse))
     for score in ("full", "correction"):
-        g_bk, g_8 = (self_errors.backtrack_gain(m, [dict(c)], BK, policy, score)[0] for m in (likes_bk, likes_8))
+        g_bk, g_8 = (self_errors.backtrack_gain(m, [dict(c)], BK, Rule(policy), score)[0] for m in (likes_bk, likes_8))
         assert g_bk == pytest.approx(want_bk[score], abs=1e-4)
         assert g_8 == pytest.approx(want_8[score], abs=1e-4)
-    kept = self_errors.apply_filter(likes_bk, [dict(c)], BK, policy, "full", 0.0)
+    kept = self_errors.apply_filter(likes_bk, [dict(c)], BK, Rule(policy), "full", 0.0)
     assert len(kept) == 1 and kept[0]["gain"] > 0
-    assert self_errors.apply_filter(likes_8, [dict(c)], BK, policy, "full", 0.0) == []
+    assert self_errors.apply_filter(likes_8, [dict(c)], BK, Rule(policy), "full", 0.0) == []
     # the threshold is in nats: a gain of ~4.4 passes 4 and fails 5
-    assert len(self_errors.apply_filter(likes_bk, [dict(c)], BK, policy, "full", want_bk["full"] - 0.5)) == 1
-    assert self_errors.apply_filter(likes_bk, [dict(c)], BK, policy, "full", want_bk["full"] + 0.5) == []
+    assert len(self_errors.apply_filter(likes_bk, [dict(c)], BK, Rule(policy), "full", want_bk["full"] - 0.5)) == 1
+    assert self_errors.apply_filter(likes_bk, [dict(c)], BK, Rule(policy), "full", want_bk["full"] + 0.5) == []
 
 # -----------------------------------------------------------------------------
 # DPO
@@ -299,7 +299,7 @@ def test_only_completion_tokens_are_scored(policy, monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
     pairs = _pairs()
-    batch = train_dpo.pair_batch(pairs, BK, policy)
+    batch = train_dpo.pair_batch(pairs, BK, Rule(policy))
     with torch.no_grad():
         got = modellib.completion_logprobs(model, batch)
         # manual: score each full trace, then sum the actions from the end of the shared prefix on
@@ -307,7 +307,7 @@ def test_only_completion_tokens_are_scored(policy, monkeypatch):
         for k in ("chosen", "rejected"):
             for p in pairs:
                 t = Trace(p["prompt"], p["prefix"] + p[k])
-                lp = action_logprobs(model, collate([layout(t, BK, policy, mask_errors=False)]))
+                lp = action_logprobs(model, collate([layout(t, BK, Rule(policy), mask_errors=False)]))
                 want.append(lp[len(p["prefix"]):].sum().item())
     assert got.tolist() == pytest.approx(want, abs=1e-4)
     # moving the log-prob of any prefix action (even to -inf) leaves the sums as they were;
@@ -317,8 +317,8 @@ def test_only_completion_tokens_are_scored(policy, monkeypatch):
 
     def patched(m, b, *a, **kw):
         lp = real(m, b, *a, **kw)
-        lp = torch.where(b["weight"] > 0, lp, torch.full_like(lp, shift["prefix"]))
-        first = (b["weight"] > 0).nonzero()[0, 0]    # the first completion action of row 0
+        lp = torch.where(b.weight > 0, lp, torch.full_like(lp, shift["prefix"]))
+        first = (b.weight > 0).nonzero()[0, 0]    # the first completion action of row 0
         return lp + F.one_hot(first, lp.numel()).to(lp) * shift["first"]
 
     monkeypatch.setattr(modellib, "action_logprobs", patched)
@@ -403,5 +403,5 @@ def test_pairs_with_a_banned_completion_action_are_refused(tmp_path):
     import train_dpo
     pairs = [dict(prompt=[1, 2], prefix=[5], chosen=[BK, 5, 6], rejected=[7])]
     with pytest.raises(SystemExit, match="pair 1: its chosen completion takes token 5"):
-        train_dpo.check_pairs(pairs, "p.jsonl", BK, "rewind")
-    train_dpo.check_pairs(pairs, "p.jsonl", BK, "keep")   # under keep, rewriting it is allowed
+        train_dpo.check_pairs(pairs, "p.jsonl", BK, Rule("rewind"))
+    train_dpo.check_pairs(pairs, "p.jsonl", BK, Rule("keep"))   # under keep, rewriting it is allowed

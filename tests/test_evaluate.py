@@ -1,7 +1,7 @@
 """The evaluator's backtrack statistics on hand-built completions."""
 import math
 
-from common import longest_run, summarize
+from heldout import longest_run, summarize
 from reward import deletion_stats
 from tasks import get_task
 from tokenizer import Tokenizer

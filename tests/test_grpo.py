@@ -10,11 +10,13 @@ import torch
 
 import train_grpo
 from conftest import only_bk_rows_moved
+from data import Rule
 from hf import padded_vocab
 from model import GPT, GPTConfig
 from tasks import get_task
 from tokenizer import get_tokenizer
-from reward import (RewardConfig, WeightSchedule, budget_at, draft_ids, score, total)
+from reward import RewardConfig, draft_ids, score, total
+from schedules import WeightSchedule, budget_at
 from train_grpo import (Config, clipped_objective, group_advantages, kl_k3, recompute_batches, rollout,
                         rollout_logprobs, sequence_weights)
 
@@ -52,10 +54,10 @@ def test_rollout_logprobs_equal_recompute(policy, T, k, p):
     cfg = Config(group_size=3, temperature=T, top_k=k, top_p=p, max_new_tokens=24, max_backtracks=3, micro_batch=4)
     problems = TASK.problems("train", n=3, seed=0)
     w = WeightSchedule.from_string("constant").at(0.0)
-    rows = rollout(m, TOK, TASK, problems, cfg, policy, seed=1, budget=2, weights=w, rc=RewardConfig())
+    rows = rollout(m, TOK, TASK, problems, cfg, Rule(policy), seed=1, budget=2, weights=w, rc=RewardConfig())
     n_bk = [r["n_bk"] for r in rows]
     assert len(rows) == 9 and sum(n_bk) > 0 and max(n_bk) <= 3   # backtracks happen, the cap holds
-    for s0, batch in recompute_batches(rows, TOK, policy, cfg, "cpu"):  # two micro-batches: 4 + 4 + 1 rows
+    for s0, batch in recompute_batches(rows, TOK, Rule(policy), cfg, "cpu"):  # two micro-batches: 4 + 4 + 1 rows
         with torch.no_grad():
             lp = rollout_logprobs(m, batch, cfg)
         rec = torch.tensor([x for r in rows[s0:s0 + cfg.micro_batch] for x in r["logprobs"]])

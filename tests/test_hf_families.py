@@ -25,10 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_model
+from checkpoint import load_model
 from conftest import FIXTURES, ROOT
-from data import Trace, collate, layout, resolve
-from decode import generate
+from data import Rule, Trace, collate, layout, resolve
+from decode import generate, replay
 from model import GPT, KVCache
 from tokenizer import (BK_TEXT, GPT2_PAT, GPT2_RANKS, LLAMA3_PAT, LLAMA3_SPECIALS, QWEN2_PAT, bytes_to_unicode,
                        get_tokenizer, load_ranks)
@@ -94,9 +94,8 @@ def test_rewind_decoding_equals_training_forward(name):
     rng = random.Random(0)
     traces = [random_trace(rng, bk, bk) for _ in range(4)]
     with torch.no_grad():
-        train = m.action_logits(collate([layout(t, bk, "rewind") for t in traces]))
-    out = generate(m, [t.prompt for t in traces], policy="rewind", force=[t.response for t in traces],
-                   return_logits=True)
+        train = m.action_logits(collate([layout(t, bk, Rule("rewind")) for t in traces]))
+    out = replay(m, [t.prompt for t in traces], [t.response for t in traces], Rule("rewind"), return_logits=True)
     dec = torch.cat([torch.stack(o["logits"]) for o in out])
     assert train.shape == dec.shape
     assert (train - dec).abs().max().item() < 1e-5

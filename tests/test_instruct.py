@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from common import build_model, evaluate, load_model, save_checkpoint
-from hf import bytes_to_unicode
+from checkpoint import build_model, load_model, save_checkpoint
+from heldout import evaluate
+from tokenizer import bytes_to_unicode
 from decode import generate
 from model import GPT, GPTConfig
 from tasks import get_task, prompt_ids

@@ -15,6 +15,7 @@ import torch
 import train_grpo
 import train_sft
 from conftest import ROOT
+from data import Rule
 from decode import generate
 from model import GPT, add_lora, lora_modules, merge_lora, merged_state_dict
 from test_hf_families import fixture, reference
@@ -81,7 +82,7 @@ def test_merged_weights_compute_what_the_adapters_do(base):
     # cached decoding, one row and several (the packed-weight path), takes the adapters along
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     for rows in (prompts[:1], prompts):
-        kw = dict(max_new_tokens=12, policy="rewind", temperature=0.0)
+        kw = dict(max_new_tokens=12, rule=Rule("rewind"), temperature=0.0)
         assert [o["response"] for o in generate(m, rows, **kw)] == [o["response"] for o in generate(plain, rows, **kw)]
     merged = merge_lora(m)
     assert not lora_modules(merged) and merged.config.lora_rank == 0

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from data import Trace, collate, layout, resolve
+from data import Rule, Trace, collate, layout, resolve
 from tokenizer import Tokenizer
-from decode import generate
+from decode import generate, replay
 from model import GPT, GPTConfig, KVCache, action_logprobs, init_bk_embedding
 
 V, EOT, BK = 50, 48, 49
@@ -72,11 +72,10 @@ def test_training_layout_equals_cached_decoding(kind, policy):
     rng = random.Random(1)
     for _ in range(5):
         traces = [random_trace(rng) for _ in range(4)]
-        batch = collate([layout(t, BK, policy) for t in traces])
+        batch = collate([layout(t, BK, Rule(policy)) for t in traces])
         with torch.no_grad():
             train = m.action_logits(batch)
-        out = generate(m, [t.prompt for t in traces], policy=policy, force=[t.response for t in traces],
-                       return_logits=True)
+        out = replay(m, [t.prompt for t in traces], [t.response for t in traces], Rule(policy), return_logits=True)
         dec = torch.cat([torch.stack(o["logits"]) for o in out])
         assert train.shape == dec.shape
         assert (train - dec).abs().max().item() < 1e-5
@@ -91,9 +90,9 @@ def test_rewind_layout_hides_errors():
     err = Trace(P, [30, 31, BK, BK] + C)
     clean = Trace(P, C)
     with torch.no_grad():
-        a = m.action_logits(collate([layout(err, BK, "rewind")]))
-        b = m.action_logits(collate([layout(clean, BK, "rewind")]))
-        k = m.action_logits(collate([layout(err, BK, "keep")]))
+        a = m.action_logits(collate([layout(err, BK, Rule("rewind"))]))
+        b = m.action_logits(collate([layout(clean, BK, Rule("rewind"))]))
+        k = m.action_logits(collate([layout(err, BK, Rule("keep"))]))
     # actions of the error trace: E1, E2, BK, BK, C1, C2; the last two equal the clean trace's
     assert torch.allclose(a[4:], b[:2], atol=1e-6)
     assert torch.allclose(a[0], a[4], atol=1e-6)          # the prompt slot acts again, same logits
@@ -103,7 +102,7 @@ def test_rewind_layout_hides_errors():
 def test_layout_bans_and_targets():
     P = [1, 2]
     t = Trace(P, [10, 11, BK, BK, 12, EOT])
-    L = layout(t, BK, "rewind")
+    L = layout(t, BK, Rule("rewind"))
     # slots act: prompt E1 ; E1 -> E2 ; E2 -> BK ; E1 -> BK ; prompt -> C ; C -> EOT
     assert L["src"] == [1, 2, 3, 2, 1, 4]
     assert L["ids"] == [1, 2, 10, 11, 12] and L["pos"] == [0, 1, 2, 3, 2]
@@ -113,9 +112,9 @@ def test_layout_bans_and_targets():
     assert L["bans"][3] == (11,)               # E1's slot: E2 was deleted there
     assert L["bans"][4] == (10, BK)            # prompt slot: E1 deleted there, and the response is empty
     assert L["bans"][5] == ()
-    Lu = layout(t, BK, "rewind", mask_errors=False)
+    Lu = layout(t, BK, Rule("rewind"), mask_errors=False)
     assert Lu["weight"] == [1.0] * 6
-    Lk = layout(t, BK, "keep", max_backtracks=1)
+    Lk = layout(t, BK, Rule("keep"), max_backtracks=1)
     assert BK in Lk["bans"][3] and BK not in Lk["bans"][2]   # the cap bans BK once one is spent
 
 
@@ -145,11 +144,11 @@ def test_rollout_logprobs_match_training_forward():
                 m.transformer.ln_f.bias.copy_(u)
                 m.transformer.wte.weight[BK] = 2 * u
             prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]]
-            out = generate(m, prompts, max_new_tokens=30, policy=policy, temperature=T, top_k=k, top_p=p,
+            out = generate(m, prompts, max_new_tokens=30, rule=Rule(policy), temperature=T, top_k=k, top_p=p,
                            max_backtracks=4, seed=0)
             traces = [Trace(pr, o["response"]) for pr, o in zip(prompts, out)]
             assert sum(r.count(BK) for r in (o["response"] for o in out)) > 0
-            batch = collate([layout(t, BK, policy, max_backtracks=4) for t in traces])
+            batch = collate([layout(t, BK, Rule(policy), max_backtracks=4) for t in traces])
             with torch.no_grad():
                 lp = action_logprobs(m, batch, T, k, p)
             rec = torch.tensor([x for o in out for x in o["logprobs"]])
@@ -168,12 +167,12 @@ def test_ban_knob_and_retry_limit_agree_between_decoding_and_layout(slot_bans, m
             m.transformer.ln_f.bias.copy_(u)
             m.transformer.wte.weight[BK] = 3 * u
         prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]] * 2
-        out = generate(m, prompts, max_new_tokens=40, policy=policy, temperature=1.0, seed=1,
-                       slot_bans=slot_bans, max_retries=max_retries)
+        out = generate(m, prompts, max_new_tokens=40, rule=Rule(policy, slot_bans, max_retries), temperature=1.0,
+                       seed=1)
         traces = [Trace(pr, o["response"]) for pr, o in zip(prompts, out)]
         n_bk = sum(o["response"].count(BK) for o in out)
         assert (n_bk == 0) == (max_retries == 0)
-        lays = [layout(t, BK, policy, slot_bans=slot_bans, max_retries=max_retries) for t in traces]
+        lays = [layout(t, BK, Rule(policy, slot_bans, max_retries)) for t in traces]
         with torch.no_grad():
             lp = action_logprobs(m, collate(lays), 1.0)
         rec = torch.tensor([x for o in out for x in o["logprobs"]])
@@ -190,7 +189,7 @@ def test_ban_knob_and_retry_limit_agree_between_decoding_and_layout(slot_bans, m
                     stack.append(t)
     # without slot bans a rewind is a resample: the deleted token may be written again at its slot
     # (the layout records bans whether or not the trace obeys them); the retry limit bans a second BK at depth 1
-    L = layout(Trace([1], [5, 7, BK, 7, BK]), BK, "rewind", slot_bans=slot_bans, max_retries=max_retries)
+    L = layout(Trace([1], [5, 7, BK, 7, BK]), BK, Rule("rewind", slot_bans, max_retries))
     assert (7 in L["bans"][3]) == slot_bans
     assert (BK in L["bans"][4]) == (max_retries is not None and max_retries <= 1)
 
@@ -198,8 +197,8 @@ def test_ban_knob_and_retry_limit_agree_between_decoding_and_layout(slot_bans, m
 def test_greedy_rewind_without_slot_bans_needs_a_retry_limit():
     m = tiny()
     with pytest.raises(ValueError, match="retry limit"):
-        generate(m, [[1, 2]], max_new_tokens=4, policy="rewind", temperature=0, slot_bans=False)
-    out = generate(m, [[1, 2]], max_new_tokens=4, policy="rewind", temperature=0, slot_bans=False, max_retries=1)
+        generate(m, [[1, 2]], max_new_tokens=4, rule=Rule("rewind", slot_bans=False), temperature=0)
+    out = generate(m, [[1, 2]], max_new_tokens=4, rule=Rule("rewind", False, 1), temperature=0)
     assert len(out[0]["response"]) > 0
 
 
@@ -210,7 +209,7 @@ def test_greedy_rewind_never_loops_and_cap_holds():
         m.transformer.ln_f.bias.copy_(u)
         m.transformer.wte.weight[BK] = 5 * u
     for cap in [None, 5]:
-        out = generate(m, [[1, 2, 3], [9]], max_new_tokens=200, policy="rewind", temperature=0,
+        out = generate(m, [[1, 2, 3], [9]], max_new_tokens=200, rule=Rule("rewind"), temperature=0,
                        max_backtracks=cap, stop_at_eot=False)
         for o in out:
             seen, stack = set(), []
@@ -227,9 +226,9 @@ def test_batched_generation_matches_one_by_one():
     m = tiny()
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8]]
     forced = [[10, BK, 11, 12, BK, BK, 13], [14, 15], [BK, 16, BK, 17, 18, 19, BK]]
-    both = generate(m, prompts, policy="rewind", force=forced, return_logits=True)
+    both = replay(m, prompts, forced, Rule("rewind"), return_logits=True)
     for i in range(3):
-        one = generate(m, [prompts[i]], policy="rewind", force=[forced[i]], return_logits=True)
+        one = replay(m, [prompts[i]], [forced[i]], Rule("rewind"), return_logits=True)
         assert torch.allclose(torch.stack(both[i]["logits"]), torch.stack(one[0]["logits"]), atol=1e-5)
 
 
@@ -246,7 +245,7 @@ def test_batched_greedy_with_stops_and_bans_matches_one_by_one(block_size, max_r
         m.transformer.ln_f.bias.copy_(u)
         m.transformer.wte.weight[BK] = 2 * u
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
-    kw = dict(max_new_tokens=24, policy="rewind", temperature=0, max_backtracks=5, max_retries=max_retries,
+    kw = dict(max_new_tokens=24, rule=Rule("rewind", max_retries=max_retries), temperature=0, max_backtracks=5,
               stop_ids=[EOT, 21])
     both = generate(m, prompts, **kw)
     assert sum(o["response"].count(BK) for o in both) > 0
@@ -321,7 +320,7 @@ def test_sampler_never_picks_zero_probability_tokens():
 def test_force_replays_more_actions_than_max_new_tokens():
     m = tiny(block_size=256)
     forced = [[1 + (i % 40) for i in range(150)]]
-    out = generate(m, [[1, 2]], policy="keep", force=forced, max_new_tokens=16)
+    out = replay(m, [[1, 2]], forced, Rule("keep"))   # however many actions: the cache is sized to hold them
     assert out[0]["response"] == forced[0]
 
 
@@ -329,7 +328,7 @@ def test_masked_banned_action_does_not_poison_the_loss():
     from model import sft_loss
     m = tiny()
     t = Trace([1, 2], [7, BK, 7, 8])     # under rewind, 7 is banned at the slot where it was deleted
-    L = layout(t, BK, "rewind")
+    L = layout(t, BK, Rule("rewind"))
     assert 7 in L["bans"][2]
     L["weight"][2] = 0.0
     assert torch.isfinite(sft_loss(m, collate([L])))
@@ -341,7 +340,7 @@ def dense_reference_logprobs(m, batch, T, k, p):
     logits = m.action_logits(batch).float()
     ban = torch.zeros(logits.shape, dtype=torch.bool)
     ban[:, m.config.n_vocab:] = True
-    ban[batch["ban_act"], batch["ban_tok"]] = True
+    ban[batch.ban_act, batch.ban_tok] = True
     logits = logits.masked_fill(ban, float("-inf"))
     if T and T > 0:
         logits = logits / T
@@ -352,7 +351,7 @@ def dense_reference_logprobs(m, batch, T, k, p):
         srt, order = torch.sort(logits, dim=-1, descending=True)
         drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) > p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    return torch.log_softmax(logits, -1).gather(1, batch["tgt"].unsqueeze(1)).squeeze(1)
+    return torch.log_softmax(logits, -1).gather(1, batch.tgt.unsqueeze(1)).squeeze(1)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -365,26 +364,26 @@ def test_sparse_loss_head_equals_the_dense_one(kind):
     for T, k, p in [(1.0, 0, 1.0), (0.7, 0, 1.0), (0, 0, 1.0), (0.7, 12, 0.9), (1.3, 0, 0.8), (1.0, 5, 1.0)]:
         m = tiny(kind)
         traces = [random_trace(rng, n_max=30, p_bk=0.4) for _ in range(6)]
-        batch = collate([layout(t, BK, rng.choice(["keep", "rewind"]), max_backtracks=3) for t in traces])
-        assert batch["ban_act"].numel() > 0
+        batch = collate([layout(t, BK, Rule(rng.choice(["keep", "rewind"])), max_backtracks=3) for t in traces])
+        assert batch.ban_act.numel() > 0
         with torch.no_grad():
             want, got = dense_reference_logprobs(m, batch, T, k, p), action_logprobs(m, batch, T, k, p)
         assert torch.equal(want, got), (T, k, p)
     # gradients of the SFT loss, banned targets (log-prob -inf) carrying weight 0 as masked errors do
     for policy in ["keep", "rewind"]:
         m = tiny(kind)
-        batch = collate([layout(random_trace(rng, n_max=30, p_bk=0.4), BK, policy, max_backtracks=3)
+        batch = collate([layout(random_trace(rng, n_max=30, p_bk=0.4), BK, Rule(policy), max_backtracks=3)
                          for _ in range(6)])
-        banned = torch.zeros(batch["tgt"].shape, dtype=torch.bool)
-        banned[batch["ban_act"][batch["ban_tok"] == batch["tgt"][batch["ban_act"]]]] = True
-        batch["weight"] = torch.where(banned, 0.0, batch["weight"])
+        banned = torch.zeros(batch.tgt.shape, dtype=torch.bool)
+        banned[batch.ban_act[batch.ban_tok == batch.tgt[batch.ban_act]]] = True
+        batch.weight = torch.where(banned, 0.0, batch.weight)
         grads = []
         for head in ("dense", "sparse"):
             m.zero_grad()
             if head == "sparse":
                 loss = sft_loss(m, batch)
             else:
-                lp, w = dense_reference_logprobs(m, batch, 1.0, 0, 1.0), batch["weight"]
+                lp, w = dense_reference_logprobs(m, batch, 1.0, 0, 1.0), batch.weight
                 loss = torch.where(w > 0, -lp * w, torch.zeros_like(lp)).sum() / w.sum()
             loss.backward()
             grads.append([x.grad.clone() for x in m.parameters()])
@@ -395,7 +394,7 @@ def test_sparse_loss_head_equals_the_dense_one(kind):
 def assert_decoded_logits_match_the_forward(model, prompts, max_new_tokens, atol=1e-5):
     """Greedy `keep` decoding of the prompts in one batch: each row's logits at every step equal
     a full forward over its prompt and response."""
-    out = generate(model, prompts, max_new_tokens=max_new_tokens, policy="keep", temperature=0,
+    out = generate(model, prompts, max_new_tokens=max_new_tokens, rule=Rule("keep"), temperature=0,
                    stop_at_eot=False, return_logits=True)
     for p, o in zip(prompts, out):
         with torch.no_grad():
@@ -444,3 +443,58 @@ def test_cpu_decoding_weight_copies_follow_swapped_and_cast_weights():
     with torch.inference_mode():
         m2 = tiny(n_embd=64, vocab_size=512, seed=1)
     check(m2)
+
+
+def test_replay_keeps_every_action_and_the_timer_sees_every_phase():
+    """replay() returns the given actions as the response, a BK on an empty response included; a
+    timer passed to generate is entered around the prompts' forward once, the sampler once a step,
+    and the model around each step's head and forward, and changes nothing the call returns."""
+    m = tiny()
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    forced = [[10, BK, 11], [BK, 12, 13, BK, BK], [14]]
+    b = replay(m, prompts, forced, Rule("rewind"), return_logits=True)
+    assert [o["response"] for o in b] == forced and [o["resolved"] for o in b] == [[11], [], [14]]
+    spans = []
+
+    class Timer:
+        def __call__(self, phase):
+            spans.append(phase)
+            return self
+
+        def __enter__(self):
+            pass
+
+        def __exit__(self, *exc):
+            pass
+
+    kw = dict(max_new_tokens=7, rule=Rule("rewind"), temperature=1.0, seed=3, stop_at_eot=False)
+    timed = generate(m, prompts, timer=Timer(), **kw)
+    assert timed == generate(m, prompts, **kw)
+    assert spans[0] == "prefill" and spans.count("prefill") == 1
+    assert spans.count("sampler") == 7 and 7 < spans.count("model") <= 14
+
+
+def test_a_cached_forward_leaves_no_state_on_the_cache():
+    """KVCache.begin returns what one forward needs (CacheWrite: positions, span, mask) rather than
+    keeping it on the cache, and decoding's weight copies are passed, not carried by the cache."""
+    from model import CacheWrite
+    m = tiny()
+    cache = KVCache(m.config, 2, 16)
+    before = set(vars(cache))
+    w = cache.begin(torch.tensor([[3], [3]]))
+    assert isinstance(w, CacheWrite) and w.span == 4 and w.mask is None   # aligned rows: no mask
+    w = cache.begin(torch.tensor([[3], [1]]))
+    assert w.mask.shape == (2, 1, 1, 4) and w.mask[1, 0, 0].tolist() == [True, True, False, False]
+    with torch.no_grad():
+        m.hidden(torch.randint(0, EOT, (2, 5)), torch.arange(5).expand(2, 5), cache=cache)
+    assert set(vars(cache)) == before and not {"pos", "span", "mask", "weights"} & before
+
+
+def test_set_dropout_reaches_every_layer():
+    from model import set_dropout
+    m = tiny("llama", dropout=0.1)
+    assert set_dropout(m, 0.3) is m and m.config.dropout == 0.3
+    layers = [x for x in m.modules() if hasattr(x, "dropout")]
+    assert len(layers) == 2 * m.config.n_layer and all(x.dropout == 0.3 for x in layers)
+    set_dropout(m, 0.0)
+    assert m.config.dropout == 0.0 and all(x.dropout == 0.0 for x in layers)

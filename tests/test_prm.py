@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from data import resolve
-from decode import generate
+from data import Rule, resolve
+from decode import generate, replay
 from reward import prm_process_score, step_bounds, step_ends, step_wrong_probs
 from self_errors import checker_first_error, locate_first_errors, located_candidate, solves, unsearchable
 from tasks import get_task
@@ -23,7 +23,7 @@ from tokenizer import get_tokenizer
 TOK = get_tokenizer("byte")
 ARITH = get_task("arith")
 P = ARITH.problem([7, 5, 6, 3, 2], ["+", "+", "+", "+"])   # 7+5=12 / 12+6=18 / 18+3=21 / 21+2=23 / #### 23
-RULE = dict(policy="rewind", slot_bans=True, max_retries=None)
+RULE = Rule()
 
 
 def ids(text, end=True):
@@ -166,11 +166,11 @@ def test_step_probs_are_the_decoders_head_at_step_ends_one_row_and_many(policy):
                          for _ in range(rng.randint(1, 4)))
         rows.append((TOK.encode(rng.choice(["1+2\n", "7-3+1\n", "9\n"])), ids(text, end=rng.random() < 0.7)))
     prompts, resolved = [q for q, _ in rows], [r for _, r in rows]
-    rule = dict(RULE, policy=policy)
+    rule = Rule(policy)
     many = step_wrong_probs(model, TOK, prompts, resolved, rule, batch_size=3)
     for (q, r), got in zip(rows, many):
         one = step_wrong_probs(model, TOK, [q], [r], rule)[0]
-        dec = generate(model, [q], force=[r], return_verifier=True, policy=policy, stop_ids=[])[0]["verifier"]
+        dec = replay(model, [q], [r], Rule(policy), return_verifier=True)[0]["verifier"]
         want = [dec[e] for e in step_ends(TOK, r)]
         assert len(got) == len(want) == len(one)
         assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5)

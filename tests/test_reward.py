@@ -6,7 +6,8 @@ step checks, well-formedness and "every step right" rule behind that."""
 import pytest
 
 import train_grpo
-from reward import RewardConfig, WeightSchedule, is_right, prm_process_score, score, total
+from reward import RewardConfig, is_right, prm_process_score, score, total
+from schedules import WeightSchedule
 from tasks import Task, get_task
 from tokenizer import get_tokenizer
 

@@ -1,4 +1,4 @@
-"""The sudoku task (tasks.Sudoku) and its depth-first search traces: the verifier is exact, every
+"""The sudoku task (tasks/sudoku.py) and its depth-first search traces: the verifier is exact, every
 trace resolves to the solution and takes no banned action under either policy, and greedy `rewind`
 decoding of a model with a fixed order of preference is exactly the depth-first search."""
 import random
@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from data import build_traces, layout, resolve, roles, ERROR
+from augment import build_traces
+from data import ERROR, Rule, layout, resolve, roles
 from decode import generate
 from model import GPTConfig
 from tasks import get_task
@@ -64,7 +65,7 @@ def test_search_traces_resolve_and_take_no_banned_action(policy):
     for t, p in zip(traces, ps):
         assert resolve(t.response, TOK.bk_id) == TOK.encode(p["solution"]) + [TOK.eot_id]
         searched += TOK.bk_id in t.response
-        L = layout(t, TOK.bk_id, policy=policy, mask_errors=True)
+        L = layout(t, TOK.bk_id, Rule(policy), mask_errors=True)
         assert all(tgt not in ban for tgt, ban in zip(L["tgt"], L["bans"]))
         if policy == "rewind":   # errors leave the context: every node's position is its cell's
             final = [i for i, r in enumerate(roles(t.response, TOK.bk_id)) if r != ERROR and t.response[i] != TOK.bk_id]
@@ -99,7 +100,7 @@ class Preference(nn.Module):
         self.p, self.pref, self.bk_logit, self.bad_logit = p, pref, bk_logit, bad_logit
         self.slots = {}
 
-    def hidden(self, idx, pos=None, mask=None, cache=None):
+    def hidden(self, idx, pos=None, mask=None, cache=None, weights=None):
         B, T = idx.shape
         pos = torch.arange(T).expand(B, T) if pos is None else pos
         for t in range(T):
@@ -149,7 +150,7 @@ def test_greedy_rewind_decoding_is_the_depth_first_search(seed):
     prompt = TOK.encode(TASK.prompt(p))
     model = Preference(p, pref)
     model.plen = len(prompt)
-    out = generate(model, [prompt], max_new_tokens=len(want) + 10, policy="rewind", temperature=0.0)[0]
+    out = generate(model, [prompt], max_new_tokens=len(want) + 10, rule=Rule("rewind"), temperature=0.0)[0]
     assert out["response"] == want
 
 
@@ -167,7 +168,7 @@ def test_pop_below_finishes_the_search_where_bk_ranks_below_forbidden_values():
         for pop_below in (0.0, 0.05):
             model = Preference(p, pref, bk_logit=-5.0, bad_logit=4.0)
             model.plen = len(prompt)
-            outs.append(generate(model, [prompt], max_new_tokens=len(want) + 10, policy="rewind", temperature=0.0,
+            outs.append(generate(model, [prompt], max_new_tokens=len(want) + 10, rule=Rule("rewind"), temperature=0.0,
                                  pop_below=pop_below)[0]["response"])
         assert outs[1] == want
         differs += outs[0] != want

@@ -150,11 +150,11 @@ def test_equal_tokens_give_backtrack_traces_fewer_steps():
 def test_every_step_draws_from_the_traces_file(tmp_path):
     """--traces_ratio=1: every batch of the run, not only the first ones built ahead, holds the
     file's traces. One trace of a length no task trace has, so the tokens each step counts tell."""
-    from data import Trace, layout
+    from data import Rule, Trace, layout
     trace = dict(prompt=[49, 43, 50, 10], response=[51] * 40 + [257, 52, 256])
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps(trace) + "\n")
-    per_trace = len(layout(Trace(trace["prompt"], trace["response"]), 257, "keep")["ids"])
+    per_trace = len(layout(Trace(trace["prompt"], trace["response"]), 257, Rule("keep"))["ids"])
     out = str(tmp_path / "run")
     run_sft(out, "--max_iters=8", "--batch_size=4", "--policy=keep", f"--traces_file={path}", "--traces_ratio=1.0",
             "--eval_interval=0")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from data import ERROR, Trace, collate, layout, resolve, roles
-from decode import generate
+from data import ERROR, Rule, Trace, collate, layout, resolve, roles
+from decode import generate, replay
 from model import GPT, GPTConfig, action_logprobs, add_verifier, sft_loss, sft_verifier_loss
 
 BK, EOT, V = 257, 256, 258
@@ -56,7 +56,7 @@ def test_targets_are_the_role_of_the_last_surviving_token():
             assert [t.response[j] for j in stack] == resolve(t.response[:i], BK)
             expect.append(-1.0 if not stack else float(rl[stack[-1]] == ERROR))
         for policy in ("keep", "rewind"):
-            assert layout(t, BK, policy, mask_errors=False)["wrong"] == expect
+            assert layout(t, BK, Rule(policy), mask_errors=False)["wrong"] == expect
 
 
 @pytest.mark.parametrize("policy", ["keep", "rewind"])
@@ -69,13 +69,13 @@ def test_head_agrees_between_layout_and_decoding_and_one_row_and_many(policy, po
     rng = random.Random(1)
     traces = [random_trace(rng) for _ in range(6)]
     traces = [t for t in traces if t.response]
-    batch = collate([layout(t, BK, policy, mask_errors=False) for t in traces])
+    batch = collate([layout(t, BK, Rule(policy), mask_errors=False) for t in traces])
     with torch.no_grad():
-        _, v = model(batch["ids"], batch["pos"], batch["mask"], act=(batch["act_row"], batch["act_src"]), verify=True)
+        _, v = model(batch.ids, batch.pos, batch.mask, act=(batch.act_row, batch.act_src), verify=True)
     trained = torch.sigmoid(v)
-    kw = dict(policy=policy, slot_bans=False, temperature=1.0, return_verifier=True)
-    together = generate(model, [t.prompt for t in traces], force=[t.response for t in traces], **kw)
-    alone = [generate(model, [t.prompt], force=[t.response], **kw)[0] for t in traces]
+    kw = dict(rule=Rule(policy, slot_bans=False), temperature=1.0, return_verifier=True)
+    together = replay(model, [t.prompt for t in traces], [t.response for t in traces], **kw)
+    alone = [replay(model, [t.prompt], [t.response], **kw)[0] for t in traces]
     decoded = torch.tensor([p for o in together for p in o["verifier"]])
     assert decoded.shape == trained.shape
     assert torch.allclose(decoded, trained, atol=1e-5)
@@ -93,7 +93,7 @@ def test_trigger_forces_a_backtrack_wherever_one_is_allowed(policy):
         model.verifier.weight.zero_()
         model.verifier.bias.fill_(10.0)
     prompts = [[5, 6, 7], [9], [11, 12]]
-    kw = dict(policy=policy, temperature=0.0, max_new_tokens=12, max_backtracks=3, trigger=0.5,
+    kw = dict(rule=Rule(policy), temperature=0.0, max_new_tokens=12, max_backtracks=3, trigger=0.5,
               stop_at_eot=False)
     together = generate(model, prompts, **kw)
     for b, o in enumerate(together):
@@ -101,7 +101,7 @@ def test_trigger_forces_a_backtrack_wherever_one_is_allowed(policy):
         assert r[1:7:2] == [BK] * 3 and BK not in r[0:7:2] and BK not in r[7:], r
         alone = generate(model, [prompts[b]], **kw)[0]
         assert alone["response"] == r
-        L = collate([layout(Trace(prompts[b], r), BK, policy, mask_errors=False, max_backtracks=3)])
+        L = collate([layout(Trace(prompts[b], r), BK, Rule(policy), mask_errors=False, max_backtracks=3)])
         with torch.no_grad():
             lp = action_logprobs(model, L)
         assert torch.allclose(lp, torch.tensor(o["logprobs"]), atol=1e-5)
@@ -120,7 +120,7 @@ def test_the_lm_loss_is_untouched_by_the_head():
     computes the same logits as the same model with one (the head reads, never writes)."""
     rng = random.Random(2)
     # no slot bans: a random trace may rewrite a deleted token, whose log-prob would be -inf under them
-    batch = collate([layout(random_trace(rng), BK, "rewind", slot_bans=False) for _ in range(5)])
+    batch = collate([layout(random_trace(rng), BK, Rule("rewind", False)) for _ in range(5)])
     with_head, without = tiny(seed=4), tiny(verifier=False, seed=4)
     lm, v = sft_verifier_loss(with_head, batch)
     assert torch.isfinite(lm) and lm.item() > 0
@@ -128,9 +128,9 @@ def test_the_lm_loss_is_untouched_by_the_head():
     assert not torch.equal(lm, sft_loss(tiny(verifier=False, seed=5), batch))   # (other weights, another loss)
     # the head's part is the mean BCE over the scored actions, by hand
     with torch.no_grad():
-        h = with_head.hidden(batch["ids"], batch["pos"], batch["mask"])[batch["act_row"], batch["act_src"]]
+        h = with_head.hidden(batch.ids, batch.pos, batch.mask)[batch.act_row, batch.act_src]
         p = torch.sigmoid(with_head.verifier(h).squeeze(-1))
-    y, scored = batch["wrong"], batch["wrong"] >= 0
+    y, scored = batch.wrong, batch.wrong >= 0
     assert 0 < scored.sum() < len(y)
     bce = -(y * p.log() + (1 - y) * (1 - p).log())[scored].mean()
     assert torch.allclose(v, bce, atol=1e-6)

@@ -1,7 +1,7 @@
 """
 The GSM8K task: grade-school math word problems, their files, and the checks of a solution's
 arithmetic (the <<a*b=c>> calculator annotations, or equations in the text). tasks.get_task("gsm8k")
-returns it; the shared parts (Task, the one answer parser) are tasks.py's.
+returns it; the shared parts (Task, the one answer parser) are tasks/base.py's and tasks/answers.py's.
 
 The repository ships the train and test splits and example model solutions, gzipped, in
 assets/gsm8k/ (MIT licence, see the LICENSE file there); your own JSONL files work too
@@ -13,10 +13,14 @@ import re
 import unicodedata
 from fractions import Fraction
 
-from tasks import Task, apply_op, normalize_number, read_jsonl
+from tasks.answers import normalize_number
+from common import read_jsonl
+from tasks.base import Task, apply_op
 from tokenizer import EOT_TEXT
 
-GSM8K_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "gsm8k")
+# assets/ is at the repository root, one folder above this package
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GSM8K_DIR = os.path.join(ROOT, "assets", "gsm8k")
 
 
 def split_file(folder, split):
@@ -109,7 +113,7 @@ class GSM8K(Task):
     leaves them in. The training split drops (and counts in self.dropped) any question whose normalized text
     is in the test file, and check_train raises if one gets in another way.
 
-    Evaluation protocol (common.evaluate, evaluate.py):
+    Evaluation protocol (heldout.evaluate, evaluate.py):
     - Prompt. A checkpoint whose tokenizer has a chat template is prompted zero-shot in chat format,
       chain of thought: one user turn holding the question and INSTRUCTION (reason step by step, end
       with '#### <answer>'), rendered with the checkpoint's own template (tasks.prompt_ids; --chat=False
