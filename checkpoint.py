@@ -87,6 +87,27 @@ def tokenizer_path(tokenizer, ckpt):
     inside = os.path.normpath(os.path.join(ckpt, tokenizer))
     return os.path.abspath(inside) if has_tokenizer_files(inside) else tokenizer
 
+def starting_values(model, path, bk_id):
+    """The values the trainable tensors of `model` have in the checkpoint at `path`, read from its
+    file: [(tensor, row or None, value)]. An embedding table that trains only in the BK row
+    (training.choose_trainable) gives that row; a LoRA adapter the checkpoint lacks (added by this
+    stage) starts at B = 0."""
+    from safetensors import safe_open
+    out = []
+    with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+        have = set(f.keys())
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.endswith(("wte.weight", "lm_head.weight")):
+                key = name if name in have else "transformer.wte.weight"   # a tied head is saved as wte
+                out.append((p, bk_id, f.get_slice(key)[bk_id:bk_id + 1][0].to(p)))
+            elif name in have:
+                out.append((p, None, f.get_tensor(name).to(p)))
+            elif name.endswith(".lora.B"):
+                out.append((p, None, torch.zeros_like(p)))
+    return out
+
 # -----------------------------------------------------------------------------
 # saving and resuming
 

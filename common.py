@@ -3,9 +3,10 @@ The floor every file stands on, importing no module of this project: one config 
 with --key=value overrides), reading JSON files, processes (DDP under torchrun) and their reductions,
 the JSONL metrics log, the stop signals, and one clean way to fail on bad input.
 
-The rest of the house, from the bottom up: tokenizer, hf (formats), tasks/, data (the semantics and
-layouts), augment, schedules, model, decode, reward, checkpoint, heldout, training; then the stage
-scripts (train_sft.py, train_grpo.py, ...), which import those and never each other.
+The rest of the house, from the bottom up (README.md's file map; tests/test_layering.py holds it):
+tokenizer, hf (formats), tasks/, data (the semantics, rule and layouts), augment, model, decode,
+reward, schedules, checkpoint, heldout, training; then the stage scripts (train_sft.py,
+train_grpo.py, ...), which import those and never each other.
 """
 import ast
 import gzip

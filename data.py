@@ -132,7 +132,7 @@ class Rule:
         """The rule a stage after SFT samples and scores with (RuleFlags): its own --policy /
         --slot_bans=on|off / --max_retries=N|none where given, else the checkpoint's (meta), so that
         decoding applies the bans the model was trained under (§4). meta=None checks the flags only."""
-        mr = str(cfg.max_retries)
+        mr = str(cfg.max_retries).lower()   # (--max_retries=None arrives as the text 'None')
         if cfg.policy not in ("", "keep", "rewind") or cfg.slot_bans not in ("", "on", "off") or not (
                 mr in ("", "none") or mr.isdigit()):
             raise ValueError(f"--policy={cfg.policy} --slot_bans={cfg.slot_bans} --max_retries={cfg.max_retries}: "
@@ -152,8 +152,8 @@ class RuleFlags:
     max_retries: str = ""            # per-slot retry limit: a number | none; "" = the checkpoint's
 
 
-def layout(trace, bk_id, rule=Rule("keep"), mask_errors=True, max_backtracks=None, train_prompt=False):
-    """Build the layout of one trace.
+def layout(trace, bk_id, rule, mask_errors=True, max_backtracks=None, train_prompt=False):
+    """Build the layout of one trace under a decoding rule (Rule).
 
     Returns a dict: ids, pos, parent (per node), src, tgt, weight, bans (per action).
     Bans (docs/backtrack-semantics.md §4), the same rules generate() samples under:

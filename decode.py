@@ -128,7 +128,7 @@ class Decoder:
         cfg = model.config
         self.model, self.verifier, self.timer = model, verifier, timer or untimed
         self.on_step, self.return_logits, self.return_verifier = on_step, return_logits, return_verifier
-        self.shape = (temperature, top_k, top_p)   # shape_logits' settings
+        self.sampling = (temperature, top_k, top_p)   # shape_logits' settings
         self.steps, self.rewind = steps, rule.policy == "rewind"
         self.max_backtracks, self.max_retries = max_backtracks, rule.max_retries
         self.bk, self.V, self.NV = cfg.bk_id, cfg.vocab_size, cfg.n_vocab
@@ -230,7 +230,8 @@ class Decoder:
     def ban(self, logits):
         """The logits with the bans of §4 written in as -inf: the slot bans and BK at the response's
         first position (ban_tok), BK once max_backtracks are spent, and BK on a token already
-        deleted and rewritten max_retries times. Returns self.banned, (B, V + 1)."""
+        deleted and rewritten max_retries times. Returns self.banned, (B, V + 1). A row whose every
+        token is banned ends here (self.live)."""
         self.real.copy_(logits[:, :self.NV])
         self.banned.scatter_(1, self.ban_tok[self.rows, self.top], float("-inf"))
         no_bk = self.spent >= self.max_backtracks if self.max_backtracks is not None else None
@@ -257,6 +258,14 @@ class Decoder:
             self.kept_logits.append(logits)
         if self.return_verifier:
             self.verdicts.append(p_wrong)
+
+    def choose(self, step, logits, banned, p_wrong):
+        """Each row's action (B,) and the log-probs (B, V + 1) it was drawn from: the subclass's."""
+        raise NotImplementedError
+
+    def ended(self, step, nxt):
+        """The rows whose action ends them (None: none can end here): the subclass's."""
+        raise NotImplementedError
 
     def pops(self, is_bk):
         """Which actions pop: every BK (banned on an empty response, so it always has a token to delete)."""
@@ -350,7 +359,7 @@ class Sampling(Decoder):
         self.gen = torch.Generator(device=self.device)
         if seed is not None:
             self.gen.manual_seed(seed)
-        temperature = self.shape[0]
+        temperature = self.sampling[0]
         self.greedy = not (temperature and temperature > 0)
         self.pop_below, self.trigger = pop_below, trigger
         stops = torch.tensor(stop_ids, dtype=torch.long, device=self.device)
@@ -360,11 +369,11 @@ class Sampling(Decoder):
     def choose(self, step, logits, banned, p_wrong):
         """Each row's action and the log-probs it was drawn from."""
         bk_allowed = ~torch.isneginf(self.bk_col) if self.pop_below > 0 or self.trigger > 0 else None
-        if self.pop_below > 0:   # computed before shape_logits, which may write into banned
+        if self.pop_below > 0:   # the model's own distribution, before the sampler's shaping
             liked = logits[:, :self.NV].float().softmax(-1).masked_fill(torch.isneginf(self.real), 0.0)
             out_of_values = (liked.sum(-1) - liked[:, self.bk] < self.pop_below) & bk_allowed
         with self.timer("sampler"):
-            lp = shape_logits(banned, *self.shape)
+            lp = shape_logits(banned, *self.sampling)
             nxt = lp.argmax(-1) if self.greedy else sample(lp, self.gen)
         if self.pop_below > 0:
             nxt = torch.where(out_of_values, self.bk, nxt)
@@ -395,7 +404,7 @@ class Replay(Decoder):
     def choose(self, step, logits, banned, p_wrong):
         """Each row's given action, and the log-probs it would have been drawn from."""
         with self.timer("sampler"):
-            lp = shape_logits(banned, *self.shape)
+            lp = shape_logits(banned, *self.sampling)
         return self.forced[:, step], lp
 
     def pops(self, is_bk):

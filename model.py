@@ -442,7 +442,7 @@ class GPT(nn.Module):
         """Load the project's checkpoint folder, or a Hugging Face folder (GPT-2, Llama, Qwen2,
         Qwen3; one safetensors file or shards with an index). Returns the model in eval mode.
         tok_ids: the folder's tokenizer facts (tokenizer.hf_tokenizer_ids), so that a Hugging Face
-        model takes its end-of-text and BK ids from its own tokenizer; common.load_model passes them."""
+        model takes its end-of-text and BK ids from its own tokenizer; checkpoint.load_model passes them."""
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
             raise FileNotFoundError(f"no config.json in checkpoint folder {path!r}")
@@ -495,7 +495,7 @@ class GPT(nn.Module):
         hf.write_folder(self.config, sd, path)
 
 # -----------------------------------------------------------------------------
-# LoRA: adapters on the block linears, trained while the rest is frozen (common.choose_trainable)
+# LoRA: adapters on the block linears, trained while the rest is frozen (training.choose_trainable)
 
 LORA_TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.gate_proj", "mlp.c_fc", "mlp.c_proj")}
 

@@ -17,7 +17,7 @@ sampling temperature/top-k/top-p, so that they are the very numbers the sampler 
 Loss (per action = per sampled token, BKs included; nothing exists after end-of-text, since
 generation stops a row there):
     dapo     sum over the global batch of token losses / number of tokens in the global batch
-    dr_grpo  sum / (number of sequences * max_new_tokens)   (a constant: no length bias)
+    dr_grpo  sum / (number of sequences * dr_grpo_tokens, default max_new_tokens)   (a constant: no length bias)
     grpo     mean over each sequence, then mean over sequences
 Token loss: -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * KL_k3, with
 r = pi / pi_old; r == 1 unless a batch is reused for several passes (num_iterations > 1).
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from checkpoint import load_stage_model, restore, save_checkpoint
+from checkpoint import load_stage_model, restore, save_checkpoint, starting_values
 from common import all_reduce_sum, cli, parse_kwargs, reduce_dict, require, step_seed
 from data import Rule, RuleFlags, Trace, collate, layout
 from decode import generate
@@ -80,7 +80,8 @@ class Config(RuleFlags):   # --policy, --slot_bans, --max_retries: the checkpoin
     loss_type: str = "dapo"          # dapo | dr_grpo | grpo
     dr_grpo_tokens: int = 0          # dr_grpo normaliser per sequence; 0 = max_new_tokens
     scale_rewards: str = "group"     # group | batch | none (divide centred rewards by the group's std, the batch's, or not)
-    mask_truncated: bool = False     # no loss on completions cut off by max_new_tokens
+    mask_truncated: bool = False     # no loss on completions that did not end (cut off by max_new_tokens or a full
+                                     # cache, or stuck with every token banned)
     num_iterations: int = 1          # optimizer passes over each batch of rollouts
     epsilon_low: float = 0.2         # ratio clipping (only bites when num_iterations > 1)
     epsilon_high: float = 0.28
@@ -218,20 +219,7 @@ class Reference:
     the same reference as the run it continues."""
 
     def __init__(self, model, path, bk_id):
-        from safetensors import safe_open
-        self.saved = []   # (tensor, row or None, its starting value)
-        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
-            have = set(f.keys())
-            for name, p in model.named_parameters():
-                if not p.requires_grad:
-                    continue
-                if name.endswith(("wte.weight", "lm_head.weight")):   # masked to the BK row (training.choose_trainable)
-                    key = name if name in have else "transformer.wte.weight"   # a tied head is saved as wte
-                    self.saved.append((p, bk_id, f.get_slice(key)[bk_id:bk_id + 1][0].to(p)))
-                elif name in have:
-                    self.saved.append((p, None, f.get_tensor(name).to(p)))
-                elif name.endswith(".lora.B"):
-                    self.saved.append((p, None, torch.zeros_like(p)))
+        self.saved = starting_values(model, path, bk_id)   # (tensor, row or None, its starting value)
 
     @torch.no_grad()
     def swap(self):
@@ -252,7 +240,12 @@ class Reference:
 def check_args(cfg, world):
     """GRPO's own argument rules (training.check_train_config has the shared ones)."""
     require(cfg, "prompts_per_step micro_batch n_train num_iterations", lambda v: v >= 1, "must be at least 1")
-    require(cfg, "beta top_k max_new_tokens", lambda v: v >= 0, "must be >= 0")
+    require(cfg, "beta top_k max_new_tokens dr_grpo_tokens epsilon_low epsilon_high", lambda v: v >= 0, "must be >= 0")
+    try:   # parsed here, before anything is written, not first at step 0
+        budget_at(cfg.budget, 0.0, cfg.budget_max, cfg.budget_min, cfg.budget_decay)
+        WeightSchedule.from_string(cfg.reward_weights)
+    except ValueError as e:
+        raise SystemExit(f"error: --budget={cfg.budget} --reward_weights={cfg.reward_weights}: {e}")
     require(cfg, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
     require(cfg, "group_size", lambda v: v >= 2, "must be at least 2: advantages are relative to the group")
     Rule.from_flags(cfg)   # the decoding-rule flags parse
@@ -283,7 +276,7 @@ def load_prm(path, tok, device):
     return prm.eval().requires_grad_(False)
 
 
-def advantages(rows, cfg, ddp, L):
+def advantages(rows, cfg, ddp):
     """Group-relative advantages (a group never spans processes; the batch std may) and each
     completion's token weight (sequence_weights, over the global batch). Returns (rewards, adv,
     w_seq, truncated, lengths)."""
@@ -301,10 +294,12 @@ def advantages(rows, cfg, ddp, L):
     n_glob = all_reduce_sum(torch.tensor([float((counted > 0).sum()), float(counted.sum()), float(len(rows))],
                                          dtype=torch.float64), ddp)
     n_seq = int(n_glob[2]) if cfg.loss_type == "dr_grpo" else int(n_glob[0])
-    return rewards, adv, sequence_weights(counted, cfg.loss_type, n_seq, int(n_glob[1]), L), truncated, lengths
+    dr_tokens = cfg.dr_grpo_tokens or cfg.max_new_tokens   # dr_grpo's constant length
+    w_seq = sequence_weights(counted, cfg.loss_type, n_seq, int(n_glob[1]), dr_tokens)
+    return rewards, adv, w_seq, truncated, lengths
 
 
-def check_recompute(lp, rows, cfg, step):
+def check_recompute(lp, rows, step):
     """Invariant 4: the recompute scores what the sampler drew from. Returns the rollout's own
     log-probs of these rows, which are the ratio's pi_old."""
     rec = torch.tensor([x for r in rows for x in r["logprobs"]], device=lp.device)
@@ -335,7 +330,7 @@ def policy_update(model, raw, ref, optimizer, batches, rows, adv, w_seq, cfg, dd
                         ref_lp[k] = rollout_logprobs(raw if lora_ref else ref, batch, cfg)
                 lp = rollout_logprobs(model, batch, cfg)
                 if it == 0:
-                    old[k] = check_recompute(lp, rows[s0:s0 + cfg.micro_batch], cfg, step)
+                    old[k] = check_recompute(lp, rows[s0:s0 + cfg.micro_batch], step)
                 row = batch.act_row + s0
                 a, w = adv.to(lp.device)[row], w_seq.to(lp.device)[row]
                 tok_loss, low, high = clipped_objective(lp, old[k], a, cfg.epsilon_low, cfg.epsilon_high)
@@ -419,7 +414,6 @@ def main(argv=None):
     meta = dict(task=task_name, task_kwargs=task_kwargs, **asdict(rule), max_new_tokens=cfg.max_new_tokens,
                 stage="grpo", sft_checkpoint=sft_path)
     P_local = cfg.prompts_per_step // world
-    L = cfg.dr_grpo_tokens or cfg.max_new_tokens
     if master:
         print(f"model: {raw.num_params() / 1e6:.2f}M parameters | from {sft_path} | task={task_name} {rule} | "
               f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step | loss={cfg.loss_type} | "
@@ -444,15 +438,15 @@ def main(argv=None):
 
         # 1. rollouts: this rank's share of the step's prompts, G completions each, one generate call
         rng = random.Random(step_seed(cfg.seed, step))
-        probs = [pool[rng.randrange(len(pool))] for _ in range(cfg.prompts_per_step)]
-        mine = probs[rank * P_local:(rank + 1) * P_local]
+        picked = [pool[rng.randrange(len(pool))] for _ in range(cfg.prompts_per_step)]
+        mine = picked[rank * P_local:(rank + 1) * P_local]
         tg = time.time()
         rows = rollout(model, tok, task, mine, cfg, rule, step_seed(cfg.seed, step) * 1024 + rank,
                        budget, weights, rc, prm)
         gen_time += time.time() - tg
         gen_tokens += sum(len(r["response"]) for r in rows)
         # 2. advantages, group-relative
-        rewards, adv, w_seq, truncated, lengths = advantages(rows, cfg, ddp, L)
+        rewards, adv, w_seq, truncated, lengths = advantages(rows, cfg, ddp)
         # 3. policy gradient on the recomputed log-probs
         batches = recompute_batches(rows, tok, rule, cfg, device)
         stats = policy_update(model, raw, ref, optimizer, batches, rows, adv, w_seq, cfg, ddp, world, step)

@@ -182,8 +182,9 @@ def grad_sync(model, ddp, on):
 
 
 def stop_if_not_finite(loss, step, cfg):
-    """A loss that is NaN or infinite ends the run before its optimizer step, so the last saved
-    checkpoint stays the last good one. Every rank holds the same reduced loss, so all stop."""
+    """A loss that is NaN or infinite ends the run before the step is saved (SFT and DPO check
+    before their optimizer step, GRPO after its passes), so the last saved checkpoint stays the
+    last good one. Every rank holds the same reduced loss, so all stop."""
     loss = float(loss)
     if loss != loss or loss in (float("inf"), float("-inf")):
         raise SystemExit(f"error: loss is {loss} at step {step}; stopping. The last good checkpoint in {cfg.out_dir} "

@@ -112,9 +112,11 @@ def test_later_stages_bad_arguments(ckpt, tmp_path):
     out = str(tmp_path / "grpo")
     for args, word in ([["--max_iters=-3"], "--max_iters=-3"], [["--group_size=1"], "--group_size=1"],
                        [["--temperature=0"], "--temperature=0"], [["--top_p=0"], "--top_p=0"],
-                       [[f"--init_from={tmp_path}"], str(tmp_path)]):
+                       [[f"--init_from={tmp_path}"], str(tmp_path)], [["--budget=0:x"], "--budget=0:x"],
+                       [["--dr_grpo_tokens=-1"], "--dr_grpo_tokens=-1"], [["--max_retries=2x"], "--max_retries=2x"]):
         p = run("train_grpo.py", f"--init_from={ckpt}", f"--out_dir={out}", *args)
         assert_one_line_error(p, word)
+        assert not os.path.exists(os.path.join(out, "train_state.pt")), args   # refused before anything is written
     p = run("train_dpo.py", f"--init_from={ckpt}", f"--out_dir={tmp_path / 'dpo'}", f"--pairs_file={tmp_path / 'no.jsonl'}")
     assert_one_line_error(p, "no.jsonl")
     p = run("self_errors.py", f"--ckpt={tmp_path / 'none'}")
