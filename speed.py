@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from augment import build_traces
+from common import step_seed
 from data import Batch, Prefetch, Rule, Trace, collate, layout
 from hf import padded_vocab
 from decode import generate, replay
@@ -539,7 +540,7 @@ def bench_sft_data(steps=20, dev="cpu", seed=SEED):
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
     def make(step):   # train_sft.global_batch + micro_batches, with its checks
-        rng = random.Random(seed * 1_000_003 + step)
+        rng = random.Random(step_seed(seed, step))   # as train_sft.global_batch draws it
         traces = build_traces(tok, task, [pool[rng.randrange(len(pool))] for _ in range(32)], rng,
                               backtrack_ratio=0.5, max_backtracks=3, augment="plausible")
         lays = [layout(t, tok.bk_id, Rule("rewind")) for t in traces]
