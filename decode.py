@@ -124,7 +124,7 @@ class Decoder:
     its output is resolved from the actions it kept)."""
 
     def __init__(self, model, prompts, steps, *, rule, max_backtracks, temperature, top_k, top_p, verifier=None,
-                 on_step=None, return_logits=False, return_verifier=False, device=None, timer=None):
+                 on_step=None, return_logits=False, return_verifier=False, device=None, timer=None, ban_slots=None):
         cfg = model.config
         self.model, self.verifier, self.timer = model, verifier, timer or untimed
         self.on_step, self.return_logits, self.return_verifier = on_step, return_logits, return_verifier
@@ -151,8 +151,8 @@ class Decoder:
         W = Tp + steps + 2
         # the pops a row can make: each deletes a token written before it, so at most half the steps
         pops = steps // 2 if max_backtracks is None else min(max_backtracks, steps // 2)
-        # the slot bans a position can hold
-        self.K = K = max(1, pops if rule.max_retries is None else min(rule.max_retries, pops))
+        # the slot bans a position can hold (ban_slots: a replay's own bound, see Replay)
+        self.K = K = ban_slots or max(1, pops if rule.max_retries is None else min(rule.max_retries, pops))
         self.slot_banning = self.rewind and rule.slot_bans
         self.top = self.plen.clone()
         self.stack = torch.full((B, W), self.V, dtype=torch.long, device=device)   # surviving response tokens
@@ -299,16 +299,12 @@ class Decoder:
             slot = self.spent   # (read before spent counts this step's BK)
         if self.slot_banning:
             self.ban_up[rows, d] = V
-            self.ban_tok[rows, d, self.ban_slot(slot, pop)] = self.stack[rows, d]
+            self.ban_tok[rows, d, slot] = self.stack[rows, d]
         self.spent.add_(is_bk)
         push = ~is_bk
         self.stack[rows, d] = torch.where(push, nxt, V)   # a push writes its token; a pop frees the slot
         self.top = d + push
         return push if self.rewind else self.live
-
-    def ban_slot(self, slot, pop):
-        """The ban slot the token a row pops is banked at (see __init__)."""
-        return slot
 
     def advance(self, nxt, write, ended):
         """End the rows that ended (or whose cache is full), then write this step's tokens into the
@@ -392,8 +388,12 @@ class Replay(Decoder):
     """replay's decoder: each row's actions are given, and a row ends when its list does."""
 
     def __init__(self, model, prompts, actions, **kw):
-        # the cache must hold every action
-        super().__init__(model, prompts, max(len(a) for a in actions), **kw)
+        # The cache must hold every action. Given actions may ignore the caps, and a BK on an empty
+        # response counts as emitted while it pops nothing, so the sampling bound on a ban's slot
+        # (its count) does not hold: a trace's BKs bound every count it reaches, and size the table
+        bk = model.config.bk_id
+        super().__init__(model, prompts, max(len(a) for a in actions),
+                         ban_slots=max(1, max(list(a).count(bk) for a in actions)), **kw)
         forced = torch.zeros(len(actions), max(self.steps, 1), dtype=torch.long)
         for b, a in enumerate(actions):
             forced[b, :len(a)] = torch.tensor(a, dtype=torch.long)
@@ -411,11 +411,6 @@ class Replay(Decoder):
         # a BK on an empty response (which sampling never draws: it is banned) is kept as an
         # action and deletes nothing
         return is_bk & (self.top > self.plen)
-
-    def ban_slot(self, slot, pop):
-        # given actions may ignore the caps, so a count may pass K: a pop's ban goes to slot K - 1
-        # at most, and a row that does not pop banks V in the spare slot K
-        return torch.where(pop, slot.clamp(max=self.K - 1), self.K)
 
     def ended(self, step, nxt):
         return step + 1 >= self.n_actions

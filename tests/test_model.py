@@ -498,3 +498,18 @@ def test_set_dropout_reaches_every_layer():
     assert len(layers) == 2 * m.config.n_layer and all(x.dropout == 0.3 for x in layers)
     set_dropout(m, 0.0)
     assert m.config.dropout == 0.0 and all(x.dropout == 0.0 for x in layers)
+
+
+def test_replay_scores_like_the_layout_when_bks_delete_nothing():
+    """A BK on an empty response deletes nothing (sampling never draws one: it is banned there), yet
+    counts as a BK the row emitted. However many of them a given trace holds, replay's log-prob of
+    every later action is the training layout's: no slot ban is pushed out of its slot."""
+    m = tiny()
+    for resp in ([BK] * 6 + [5, BK, 6, BK, 7], [BK, BK, 5, BK, 6, BK, 8, BK, 9, BK, 10]):
+        t = Trace([1, 2], resp)
+        for rule in (Rule("rewind"), Rule("rewind", max_retries=1), Rule("keep")):
+            want = action_logprobs(m, collate([layout(t, BK, rule, mask_errors=False)]))
+            got = torch.tensor(replay(m, [t.prompt], [t.response], rule)[0]["logprobs"])
+            finite = torch.isfinite(want)
+            assert torch.equal(finite, torch.isfinite(got)), (resp, rule)
+            assert torch.allclose(got[finite], want[finite], atol=1e-5), (resp, rule)
