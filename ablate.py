@@ -52,7 +52,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from common import cli, configure, read_json
+from common import cli, configure, read_json, require
 from plot import write_svg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -214,9 +214,7 @@ STAGES = {"": None, "grpo": run_grpo, "self": run_self, "dpo": run_dpo, "grpo_pr
 
 def check_args(cfg):
     """Every argument, before any work: one line naming the bad one. Returns the variants."""
-    for k in ("seeds", "tokens", "eval_n", "eval_points", "grpo_iters", "stage_iters", "self_n", "jobs"):
-        if getattr(cfg, k) < 1:
-            raise SystemExit(f"error: --{k}={getattr(cfg, k)}: must be at least 1")
+    require(cfg, "seeds tokens eval_n eval_points grpo_iters stage_iters self_n jobs", lambda v: v >= 1, "must be at least 1")
     for t in trigger_taus(cfg):
         try:
             ok = 0 < float(t) < 1

@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import torch
 
-from common import JsonlLog, read_json, sharded
+from common import JsonlLog, sharded
 from hf import padded_vocab
 from model import GPT, GPTConfig, init_bk_embedding, set_dropout, unwrap
 from tokenizer import copy_tokenizer_files, declared_eos_ids, get_tokenizer, has_tokenizer_files, hf_tokenizer_ids

@@ -8,6 +8,7 @@ the end of the run.
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -186,7 +187,7 @@ def stop_if_not_finite(loss, step, cfg):
     before their optimizer step, GRPO after its passes), so the last saved checkpoint stays the
     last good one. Every rank holds the same reduced loss, so all stop."""
     loss = float(loss)
-    if loss != loss or loss in (float("inf"), float("-inf")):
+    if not math.isfinite(loss):
         raise SystemExit(f"error: loss is {loss} at step {step}; stopping. The last good checkpoint in {cfg.out_dir} "
                          "is untouched.")
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT
 from data import Rule, resolve
-from decode import generate, replay
+from decode import replay
 from reward import prm_process_score, step_bounds, step_ends, step_wrong_probs
 from self_errors import checker_first_error, locate_first_errors, located_candidate, solves, unsearchable
 from tasks import get_task
